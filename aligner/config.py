@@ -1,0 +1,305 @@
+"""Typed run configuration: a YAML file, then ``--set key=value`` overrides.
+
+Every section is a dataclass whose defaults are the one source of truth for
+that option. Unknown keys and values of the wrong type are errors that name
+the key, where it came from, and what was expected. Each active plugin adds
+its own section (see ``aligner_config_section``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The run config is wrong; the message names the key or file and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    #: A local HF checkpoint directory, or ``embedded:tiny-sort`` (the project's own
+    #: tiny Llama, warmed up on the embedded task) / ``embedded:tiny-random``.
+    name_or_path: str = "embedded:tiny-sort"
+    #: A different reference checkpoint (as TRL's ``ref_model``); default: the policy's initial weights.
+    reference_path: str | None = None
+    #: ``float32`` or ``bfloat16`` (training precision; bf16 uses DeepSpeed's fp32 master weights).
+    dtype: str = "float32"
+    #: ``auto`` (flash_attention_2 if flash-attn is installed, else sdpa), ``sdpa``, ``eager``, ``flash_attention_2``.
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False
+    #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    #: jsonl/json/parquet/arrow file, a ``datasets`` directory (``save_to_disk``), or ``embedded:train``.
+    train: str = "embedded:train"
+    #: Same forms as ``train``; ``null`` for no evaluation.
+    eval: str | None = "embedded:eval"
+    #: Longest prompt+response in tokens; longer rows are truncated (prompt from the left, then response).
+    max_length: int = 1024
+    #: Prompts are left-truncated to this many tokens first; ``null`` = no separate prompt limit.
+    max_prompt_length: int | None = None
+    #: ``error`` stops at the first bad row; ``skip`` drops bad rows and reports how many and why.
+    on_bad_row: str = "error"
+
+    def __post_init__(self) -> None:
+        _positive("data.max_length", self.max_length)
+        if self.max_prompt_length is not None:
+            _positive("data.max_prompt_length", self.max_prompt_length)
+            if self.max_prompt_length >= self.max_length:
+                raise ConfigError(
+                    f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                    f"({self.max_length}) to leave room for the response"
+                )
+        _one_of("data.on_bad_row", self.on_bad_row, ("error", "skip"))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  #: optimizer steps
+    micro_batch_size: int = 8  #: preference pairs per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-6  #: TRL's DPO default
+    lr_schedule: str = "linear"  #: ``linear`` decay to 0, ``cosine``, or ``constant`` (after warm-up)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  #: 0 disables clipping
+    save_every: int = 0  #: save a checkpoint every N steps (0: only at the end)
+    log_every: int = 1
+    seed: int = 42
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    #: A DeepSpeed JSON file whose keys override the generated DeepSpeed config.
+    deepspeed_config: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
+        _one_of("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  #: evaluate every N optimizer steps (0: only before training and at the end)
+    batch_size: int = 16  #: preference pairs per rank per eval micro-batch
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/tiny"
+    plugins: list[str] = field(default_factory=lambda: ["dpo"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: One dataclass instance per active plugin that has options, by section name.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """The options of plugin section ``name`` (e.g. ``config.section("dpo").beta``)."""
+        return self.sections[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update({k: _plain(v) for k, v in self.sections.items()})
+        return out
+
+
+CORE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+CORE_SCALARS = {"output_dir": str, "plugins": list}
+
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """Read a config file into a dict; ``None`` gives an empty config."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with the path of a YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (model:, data:, train:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) onto a raw config dict."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=5e-7")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def build_config(
+    raw: dict[str, Any],
+    plugin_sections: dict[str, type] | None = None,
+    inactive_sections: dict[str, str] | None = None,
+    source: str = "config",
+) -> RunConfig:
+    """Turn a raw dict (YAML + overrides) into a typed :class:`RunConfig`.
+
+    :param plugin_sections: section name -> dataclass, from the active plugins.
+    :param inactive_sections: section name -> plugin name, for installed plugins that
+        are not active (their sections get a targeted error instead of "unknown key").
+    :param source: where ``raw`` came from, for error messages.
+    """
+    plugin_sections = plugin_sections or {}
+    inactive_sections = inactive_sections or {}
+    kwargs: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in CORE_SCALARS:
+            kwargs[key] = _coerce(value, CORE_SCALARS[key] if key != "plugins" else list[str], key, source)
+        elif key in CORE_SECTIONS:
+            kwargs[key] = _build_section(CORE_SECTIONS[key], value, key, source)
+        elif key in plugin_sections:
+            sections[key] = _build_section(plugin_sections[key], value, key, source)
+        elif key in inactive_sections:
+            raise ConfigError(
+                f"{source}: section '{key}' configures plugin '{inactive_sections[key]}', which is not active; "
+                f"add it to --plugins or remove the section"
+            )
+        else:
+            known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
+            raise ConfigError(f"{source}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
+    for key, cls in plugin_sections.items():
+        sections.setdefault(key, _build_section(cls, {}, key, source))
+    return RunConfig(**kwargs, sections=sections)
+
+
+def _build_section(cls: type, value: Any, prefix: str, source: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{prefix}' must be a mapping of options, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, item in value.items():
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
+            )
+        kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: section '{prefix}': {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; numbers may come as strings (YAML reads 5e-7 as one)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise _wrong(key, source, "a list", value)
+        return [_coerce(v, item_tp, key, source) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong(key, source, "true or false", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _wrong(key, source, "an integer", value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong(key, source, "a number", value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong(key, source, "a string", value)
+    if tp is dict or typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+        raise _wrong(key, source, "a mapping", value)
+    return value
+
+
+def _wrong(key: str, source: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _one_of(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

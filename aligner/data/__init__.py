@@ -1,0 +1,8 @@
+"""Preference data: loading, validation, tokenization, batching and sampling."""
+
+from aligner.data.collate import collate_pairs
+from aligner.data.load import DataError, load_rows
+from aligner.data.sampler import PairSampler
+from aligner.data.tokenize import Example, tokenize_dataset
+
+__all__ = ["DataError", "Example", "PairSampler", "collate_pairs", "load_rows", "tokenize_dataset"]

@@ -1,0 +1,205 @@
+"""The whole plugin contract of aligner, in one file.
+
+A plugin is a module (or an instance) whose functions are marked with
+:data:`hookimpl` and named after the hooks below. Hooks are called by keyword,
+so an implementation may take any subset of a hook's arguments, and a new
+argument added here breaks no plugin.
+
+Every plugin implements :func:`aligner_plugin_info`, and usually
+:func:`aligner_config_section` and :func:`aligner_required_models`. Then, by role:
+
+- ``loss`` (exactly one per run): :func:`aligner_loss`.
+- ``constraint`` (any number): :func:`aligner_constraint`.
+- ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
+
+A plugin with state that must survive a resume implements
+:func:`aligner_state_dict` and :func:`aligner_load_state_dict`.
+
+Built-in plugins are registered through the same entry-point group
+(``aligner.plugins``) as third-party ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from aligner.config import RunConfig
+
+#: Major version of this contract. A plugin whose ``PluginInfo.api_version``
+#: has a different major number is refused when it is activated.
+API_VERSION = "1.0"
+
+PROJECT = "aligner"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+ROLES = ("loss", "constraint", "reference_update")
+MODELS = ("reference", "anchor")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What a plugin is: its name, its role (one of :data:`ROLES`) and a one-line summary."""
+
+    name: str
+    role: str
+    summary: str
+    api_version: str = API_VERSION
+
+
+@dataclass
+class SequenceLogps:
+    """Summed log-probabilities of the response tokens, one value per example.
+
+    ``chosen`` and ``rejected`` have shape ``(B,)``, B being the number of
+    preference pairs in the micro-batch.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+@dataclass
+class StepInputs:
+    """Everything a loss or constraint hook sees for one micro-batch.
+
+    ``policy`` carries gradients; ``reference`` and ``anchor`` do not, and are
+    ``None`` unless some active plugin asked for that model in
+    :func:`aligner_required_models`. Token counts are the number of response
+    tokens scored (after truncation), shape ``(B,)``.
+    """
+
+    policy: SequenceLogps
+    reference: SequenceLogps | None
+    anchor: SequenceLogps | None
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    example_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss term and the metrics to log beside it (TensorBoard tag -> scalar tensor)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Engines:
+    """The DeepSpeed engines of a run. ``reference`` and ``anchor`` may be ``None``,
+    or the same object when no reference-update plugin is active."""
+
+    policy: Any
+    reference: Any = None
+    anchor: Any = None
+
+
+@hookspec(firstresult=True)
+def aligner_plugin_info() -> PluginInfo:
+    """Say what this plugin is.
+
+    Called once per plugin when it is activated, before any other hook; the
+    registry uses the role to check that a run has exactly one loss, at most one
+    reference update and any number of constraints.
+
+    Stops at first non-None result.
+    """
+
+
+@hookspec
+def aligner_config_section() -> tuple[str, type] | None:
+    """Contribute this plugin's options to the run config.
+
+    Return ``(section_name, dataclass_type)``. The section is read from the YAML
+    key of that name and from ``--set section.option=value``; unknown options
+    are errors. The dataclass holds the defaults (the one source of truth for
+    them) and may validate in ``__post_init__`` by raising ``ValueError``.
+    Return ``None`` for a plugin without options.
+    """
+
+
+@hookspec
+def aligner_required_models(config: RunConfig) -> set[str]:
+    """Say which frozen or updated models this plugin needs beside the policy.
+
+    :param config: the run config.
+
+    Return a subset of ``{"reference", "anchor"}``. Only models that some
+    active plugin asked for are built; their log-probs then appear in
+    :class:`StepInputs`.
+    """
+
+
+@hookspec(firstresult=True)
+def aligner_model_path(model: str, config: RunConfig) -> str | None:
+    """Say which checkpoint to load for ``model`` (``"reference"`` or ``"anchor"``).
+
+    :param model: the model being built.
+    :param config: the run config.
+
+    Return a local checkpoint folder (or ``embedded:...`` name), or ``None`` to
+    leave the default: ``model.reference_path`` for the reference (else the
+    policy's initial weights), the policy's initial weights for the anchor.
+
+    Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
+    """Compute the alignment loss of one micro-batch (role ``loss``).
+
+    :param inputs: the log-probs of the policy and of the requested models.
+    :param config: the run config; a plugin reads its own section from
+        ``config.plugins[name]``.
+
+    Return the mean loss over the micro-batch and its metrics.
+
+    Stops at first non-None result.
+    """
+
+
+@hookspec
+def aligner_constraint(inputs: StepInputs, config: RunConfig) -> LossOutput | None:
+    """Add a constraint term to the loss (role ``constraint``).
+
+    :param inputs: as for :func:`aligner_loss`.
+    :param config: the run config.
+
+    The terms of every constraint are summed with the loss term before the
+    backward pass, and ``train/loss`` logs that total. Return ``None`` to add
+    nothing this micro-batch.
+    """
+
+
+@hookspec
+def aligner_after_optimizer_step(step: int, engines: Engines, config: RunConfig) -> dict[str, float] | None:
+    """React to a completed optimizer step (role ``reference_update`` and others).
+
+    :param step: the number of optimizer steps taken so far (1 after the first).
+    :param engines: the DeepSpeed engines; the reference may be changed in place.
+    :param config: the run config.
+
+    Called on every rank. Return metrics to log at this step, or ``None``.
+    """
+
+
+@hookspec
+def aligner_state_dict() -> dict[str, Any] | None:
+    """Return this plugin's state to store in a checkpoint (picklable tensors,
+    numbers, strings, lists and dicts), or ``None`` if it has none."""
+
+
+@hookspec
+def aligner_load_state_dict(state: dict[str, Any]) -> None:
+    """Restore the state that :func:`aligner_state_dict` returned, on resume.
+
+    :param state: the dict this plugin saved (each plugin gets its own).
+    """

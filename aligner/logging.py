@@ -1,0 +1,69 @@
+"""Metrics: averaged over micro-batches and ranks, written to TensorBoard by rank 0, with a progress bar.
+
+The writer flushes at every logged step, so TensorBoard is live and a killed
+run loses none of the metrics it had logged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of scalars over all ranks (every rank must pass the same keys)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+    return dict(zip(keys, vec.tolist()))
+
+
+class StepMetrics:
+    """Accumulates the metric tensors of one optimizer step's micro-batches."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] += float(value)
+            self.counts[key] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+class TensorBoardLogger:
+    """Rank 0 writes scalars under ``output_dir/tensorboard``; other ranks do nothing."""
+
+    def __init__(self, log_dir: Path, rank: int) -> None:
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in sorted(values.items()):
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_bar(total: int, initial: int, rank: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)

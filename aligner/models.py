@@ -1,0 +1,211 @@
+"""Load models and tokenizers with ``from_pretrained`` and wrap them in DeepSpeed engines.
+
+The policy trains under the configured ZeRO stage (3 by default). The
+reference and the anchor are DeepSpeed inference engines (no optimizer) with
+the same partitioning; under ZeRO-3 they keep no persistent (un-partitioned)
+parameters, so a shard-local update of their weights is never shadowed by a
+stale full copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aligner import embedded
+from aligner.config import RunConfig
+
+
+class ModelError(ValueError):
+    """A model or tokenizer path is wrong; the message names the config key and the fix."""
+
+
+def init_distributed(timeout_s: int = 1800) -> None:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    A plain ``python launch/train.py`` (no launcher) runs as a single rank.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def resolve_path(name_or_path: str, key: str) -> Path:
+    """A local checkpoint folder for ``name_or_path`` (building the embedded model if asked for)."""
+    if embedded.is_embedded(name_or_path):
+        try:
+            return embedded.ensure_embedded_model(name_or_path)
+        except ValueError as exc:
+            raise ModelError(f"{key}: {exc}") from None
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"{key}: {name_or_path} is not a model folder (no config.json there). Give a local Hugging Face "
+            f"checkpoint folder (written by save_pretrained), or embedded:tiny-sort for the embedded model; "
+            f"aligner does not download models"
+        )
+    return path
+
+
+def attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.name_or_path: {path} has no usable tokenizer ({exc}); save the tokenizer beside the model "
+            f"with tokenizer.save_pretrained"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as TRL does; padding is masked out anyway
+    return tokenizer
+
+
+def load_model(path: Path, cfg: RunConfig):
+    """``AutoModelForCausalLM.from_pretrained``; under ZeRO-3 the weights are partitioned while loading."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(cfg.model.dtype),
+        attn_implementation=attn_implementation(cfg.model.attn_implementation),
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=None,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The policy's DeepSpeed config, generated from ``train.*`` then overridden by ``train.deepspeed_config``."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        # torch_adam: torch.optim.AdamW, no JIT-compiled fused Adam (PLATFORM.md: identical losses).
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                   "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"train.deepspeed_config: cannot read {path} as JSON: {exc}") from None
+        conf = _merge(conf, user)
+    return conf
+
+
+def frozen_deepspeed_config(policy_conf: dict[str, Any]) -> dict[str, Any]:
+    """Config for a model that only runs forward (reference, anchor): no optimizer, no offload of state."""
+    stage = policy_conf["zero_optimization"]["stage"]
+    zero: dict[str, Any] = {"stage": 3 if stage == 3 else 0}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # no un-partitioned copies to go stale
+        if "offload_param" in policy_conf["zero_optimization"]:
+            zero["offload_param"] = policy_conf["zero_optimization"]["offload_param"]
+    return {
+        "train_micro_batch_size_per_gpu": policy_conf["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": policy_conf["gradient_accumulation_steps"],
+        "zero_optimization": zero,
+        "bf16": copy.deepcopy(policy_conf.get("bf16", {"enabled": False})),
+        "steps_per_print": 10**9,
+    }
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warm-up over ``train.warmup_steps``, then linear/cosine decay to 0 or constant."""
+    warmup, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any]):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841 - must live while from_pretrained runs (ZeRO-3 init)
+    model = load_model(path, cfg)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_conf,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
+    return engine
+
+
+def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any]):
+    """A ZeRO inference engine for the reference or the anchor (no optimizer, no gradients)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
+    model = load_model(path, cfg)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_conf)
+    engine.eval()
+    return engine

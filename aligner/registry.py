@@ -1,0 +1,262 @@
+"""Find plugins, activate the ones a run asked for, and check their roles.
+
+Plugins are found through the entry-point group ``aligner.plugins`` (the
+built-ins are registered there by this project's own ``pyproject.toml``). A
+name of the form ``package.module:attr`` (or ``package.module``) loads a
+plugin that is not installed as a distribution.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from aligner import hookspecs
+from aligner.hookspecs import API_VERSION, ROLES, PluginInfo
+
+GROUP = "aligner.plugins"
+DEFAULT_LOSS = "dpo"
+
+
+class PluginError(ValueError):
+    """A plugin could not be found, loaded or combined with the others."""
+
+
+@dataclass
+class AvailablePlugin:
+    """A plugin that an entry point advertises, not yet imported."""
+
+    name: str
+    target: str  # "module" or "module:attr"
+    distribution: str  # "name-version" of the package that ships it
+
+    def load(self) -> object:
+        return _import_target(self.target, self.name)
+
+
+def available_plugins() -> dict[str, AvailablePlugin]:
+    """Every plugin advertised in the ``aligner.plugins`` entry-point group, by name."""
+    found: dict[str, AvailablePlugin] = {}
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        dist = f"{ep.dist.name}-{ep.dist.version}" if ep.dist is not None else "unknown"
+        found.setdefault(ep.name, AvailablePlugin(ep.name, ep.value, dist))
+    return dict(sorted(found.items()))
+
+
+def _import_target(target: str, name: str) -> object:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginError(f"plugin '{name}': cannot import module '{module_name}': {exc}") from exc
+    for part in filter(None, attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise PluginError(f"plugin '{name}': module '{module_name}' has no attribute '{attr}'") from exc
+    if inspect.isclass(obj):
+        raise PluginError(
+            f"plugin '{name}' ({target}) is a class; register a module or an instance of it "
+            f"(e.g. `my_plugin = {obj.__name__}()` and point the entry point at `my_plugin`)"
+        )
+    return obj
+
+
+def plugin_info(plugin: object, label: str) -> PluginInfo:
+    """Call a plugin's ``aligner_plugin_info`` hook and check what it returns."""
+    fn = getattr(plugin, "aligner_plugin_info", None)
+    if fn is None:
+        raise PluginError(f"plugin '{label}' has no aligner_plugin_info hook; every plugin must say its name and role")
+    info = fn()
+    if not isinstance(info, PluginInfo):
+        raise PluginError(f"plugin '{label}': aligner_plugin_info must return aligner.hookspecs.PluginInfo, got {info!r}")
+    if info.role not in ROLES:
+        raise PluginError(f"plugin '{label}' declares role '{info.role}'; the roles are {', '.join(ROLES)}")
+    if info.api_version.split(".")[0] != API_VERSION.split(".")[0]:
+        raise PluginError(
+            f"plugin '{label}' was written for aligner plugin API {info.api_version}, this aligner has "
+            f"{API_VERSION}; upgrade the plugin (or aligner) so the major versions match"
+        )
+    return info
+
+
+def _describe(available: dict[str, AvailablePlugin]) -> str:
+    rows = []
+    for name, ap in available.items():
+        try:
+            info = plugin_info(ap.load(), name)
+            rows.append(f"  {name:<12} {info.role:<17} {info.summary}")
+        except PluginError as exc:
+            rows.append(f"  {name:<12} (broken: {exc})")
+    return "available plugins:\n" + ("\n".join(rows) if rows else "  (none installed: run `pip install -e .`)")
+
+
+@dataclass
+class ActivePlugins:
+    """The plugins of one run, registered in a pluggy manager, with their roles."""
+
+    pm: pluggy.PluginManager
+    infos: dict[str, PluginInfo] = field(default_factory=dict)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def names(self, role: str | None = None) -> list[str]:
+        return [n for n, i in self.infos.items() if role is None or i.role == role]
+
+    @property
+    def loss(self) -> str:
+        return self.names("loss")[0]
+
+    @property
+    def reference_update(self) -> str | None:
+        names = self.names("reference_update")
+        return names[0] if names else None
+
+    def config_sections(self) -> dict[str, type]:
+        """Section name -> dataclass type, from every active plugin."""
+        sections: dict[str, type] = {}
+        for plugin_name, section in self.call_each("aligner_config_section"):
+            if section is None:
+                continue
+            key, cls = section
+            if key in sections:
+                raise PluginError(f"plugins '{plugin_name}' and another both claim the config section '{key}'")
+            sections[key] = cls
+        return sections
+
+    def required_models(self, config: Any) -> set[str]:
+        needed: set[str] = set()
+        for plugin_name, models in self.call_each("aligner_required_models", config=config):
+            unknown = set(models or ()) - set(hookspecs.MODELS)
+            if unknown:
+                raise PluginError(
+                    f"plugin '{plugin_name}' asked for unknown models {sorted(unknown)}; "
+                    f"aligner builds {', '.join(hookspecs.MODELS)}"
+                )
+            needed |= set(models or ())
+        return needed
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call one hook on each plugin that implements it, returning (plugin name, result) pairs."""
+        results = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            with hook_errors(self, hook_name):
+                results.append((impl.plugin_name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
+        return results
+
+    def call_one(self, plugin_name: str, hook_name: str, **kwargs: Any) -> Any:
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == plugin_name:
+                with hook_errors(self, hook_name):
+                    return impl.function(**{a: kwargs[a] for a in impl.argnames})
+        return None
+
+
+class PluginHookError(RuntimeError):
+    """A plugin's hook raised; the message names the plugin and the hook."""
+
+
+@contextmanager
+def hook_errors(plugins: ActivePlugins, hook_name: str) -> Iterator[None]:
+    """Re-raise an exception from inside a hook as :class:`PluginHookError` naming the plugin."""
+    try:
+        yield
+    except PluginHookError:
+        raise
+    except Exception as exc:
+        culprit = _plugin_in_traceback(plugins, exc) or "?"
+        raise PluginHookError(
+            f"plugin '{culprit}' failed in hook {hook_name}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _plugin_in_traceback(plugins: ActivePlugins, exc: BaseException) -> str | None:
+    files = {}
+    for name in plugins.infos:
+        plugin = plugins.pm.get_plugin(name)
+        module = plugin if inspect.ismodule(plugin) else sys.modules.get(type(plugin).__module__)
+        if module is not None and getattr(module, "__file__", None):
+            files[module.__file__] = name
+    tb = exc.__traceback__
+    culprit = None
+    while tb is not None:
+        culprit = files.get(tb.tb_frame.f_code.co_filename, culprit)
+        tb = tb.tb_next
+    return culprit
+
+
+def activate(names: list[str]) -> ActivePlugins:
+    """Build the plugin manager for a run from the names given with ``--plugins``.
+
+    Each name is an installed plugin (entry point) or a ``module:attr`` target.
+    Exactly one loss is required (``dpo`` is added when none is named), at most
+    one reference update, any number of constraints; duplicates and unknown
+    names are errors that list what is available.
+    """
+    available = available_plugins()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    active = ActivePlugins(pm)
+    seen: set[str] = set()
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise PluginError(f"plugin '{name}' is listed twice in --plugins; list each plugin once")
+        seen.add(name)
+        if name in available:
+            plugin = available[name].load()
+        elif ":" in name or "." in name:
+            plugin = _import_target(name, name)
+        else:
+            raise PluginError(f"unknown plugin '{name}'.\n{_describe(available)}")
+        info = plugin_info(plugin, name)
+        if info.name in active.infos:
+            raise PluginError(f"two plugins are both named '{info.name}' ({name}); list each plugin once")
+        pm.register(plugin, name=info.name)
+        active.infos[info.name] = info
+
+    if not active.names("loss"):
+        if DEFAULT_LOSS not in available:
+            raise PluginError(f"no loss plugin given and the default '{DEFAULT_LOSS}' is not installed.\n{_describe(available)}")
+        return activate([DEFAULT_LOSS, *names])
+    for role, most in (("loss", 1), ("reference_update", 1)):
+        chosen = active.names(role)
+        if len(chosen) > most:
+            options = [n for n, ap in available.items() if _role_of(ap) == role]
+            raise PluginError(
+                f"a run takes {'exactly' if role == 'loss' else 'at most'} one {role} plugin, got "
+                f"{', '.join(chosen)}; keep one of them in --plugins (the {role} plugins are: {', '.join(options)})"
+            )
+    pm.check_pending()
+    return active
+
+
+def _role_of(ap: AvailablePlugin) -> str | None:
+    try:
+        return plugin_info(ap.load(), ap.name).role
+    except PluginError:
+        return None
+
+
+def list_plugins_table() -> str:
+    """The text that ``--list-plugins`` prints: name, role, distribution and summary of each plugin."""
+    lines = [f"{'name':<12} {'role':<17} {'package':<22} summary"]
+    for name, ap in available_plugins().items():
+        try:
+            info = plugin_info(ap.load(), name)
+            lines.append(f"{name:<12} {info.role:<17} {ap.distribution:<22} {info.summary}")
+        except PluginError as exc:
+            lines.append(f"{name:<12} {'?':<17} {ap.distribution:<22} cannot be loaded: {exc}")
+    return "\n".join(lines)

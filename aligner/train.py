@@ -1,0 +1,259 @@
+"""The training recipe, top to bottom: config -> plugins -> data -> engines -> loop -> checkpoint -> export.
+
+Run it through the DeepSpeed launcher (``deepspeed --num_gpus 2 launch/train.py ...``),
+torchrun, or plain ``python`` for a single rank. ``aligner-train`` is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from aligner import checkpoint, models
+from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
+from aligner.data import DataError, PairSampler, collate_pairs, load_rows, tokenize_dataset
+from aligner.eval import evaluate
+from aligner.hookspecs import Engines
+from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
+from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, available_plugins, list_plugins_table
+from aligner.step import gather_inputs, total_loss
+
+log = logging.getLogger("aligner")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="aligner-train", description="Preference alignment under DeepSpeed with plugins.")
+    p.add_argument("--config", help=f"YAML run config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}, the embedded tiny run)")
+    p.add_argument("--plugins", help="comma-separated plugin names or module:attr targets, e.g. dpo,tr_soft,flipguard")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=5e-7 (repeatable)")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in output_dir) or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if output_dir holds another run's checkpoints")
+    p.add_argument("--list-plugins", action="store_true", help="print the installed plugins and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
+    """Read the YAML, activate the plugins it (or --plugins) names, and build the typed config."""
+    config_path = args.config
+    if config_path is None:
+        if not DEFAULT_CONFIG.is_file():
+            raise ConfigError("no --config given and the default configs/tiny-cpu.yaml is not beside this install; pass --config")
+        config_path = DEFAULT_CONFIG
+    overrides = [item for group in args.overrides for item in group]
+    raw = apply_overrides(read_yaml(config_path), overrides)
+    if args.plugins is not None:
+        raw["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
+    names = raw.get("plugins") or ["dpo"]
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    plugins = activate(names)
+    raw["plugins"] = list(plugins.infos)
+    sections = plugins.config_sections()
+    inactive = {}
+    for name, ap in available_plugins().items():
+        if name not in plugins.infos:
+            try:
+                section = getattr(ap.load(), "aligner_config_section", lambda: None)()
+            except PluginError:
+                continue
+            if section:
+                inactive[section[0]] = name
+    return build_config(raw, sections, inactive, source=str(config_path)), plugins
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> Path | None:
+    """Refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir)
+    existing = checkpoint.list_checkpoints(out)
+    if args.resume == "auto":
+        return existing[-1] if existing else None
+    if args.resume:
+        path = Path(args.resume)
+        if not path.is_dir():
+            raise RunError(f"--resume {args.resume}: no such checkpoint folder; use --resume auto or a folder under {out}/checkpoints")
+        return path
+    if existing and not args.overwrite:
+        raise RunError(
+            f"output_dir {out} already holds checkpoints ({existing[-1].name}); pass --resume auto to continue that run, "
+            f"--overwrite to start afresh there, or choose another output_dir"
+        )
+    if existing and rank == 0:
+        shutil.rmtree(checkpoint.checkpoint_root(out))
+    return None
+
+
+def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str):
+    rows = load_rows(spec)
+    return tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
+
+
+def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> Engines:
+    """Build only the models some plugin asked for; one engine when reference and anchor are the same weights."""
+    required = plugins.required_models(cfg)
+    ds_conf = models.deepspeed_config(cfg)
+    frozen_conf = models.frozen_deepspeed_config(ds_conf)
+    policy = models.build_policy_engine(policy_path, cfg, ds_conf)
+    keys = {"reference": "model.reference_path", "anchor": "anchor path (from its plugin)"}
+    paths: dict[str, Path] = {}
+    for name in sorted(required):
+        chosen = plugins.hook.aligner_model_path(model=name, config=cfg)
+        chosen = chosen or (cfg.model.reference_path if name == "reference" else None)
+        paths[name] = models.resolve_path(chosen, keys[name]) if chosen else policy_path
+    reference = anchor = None
+    if "reference" in paths:
+        reference = models.build_frozen_engine(paths["reference"], cfg, frozen_conf)
+    if "anchor" in paths:
+        # While nothing moves the reference and both come from the same checkpoint, they are
+        # the same weights: share one engine instead of building two.
+        if reference is not None and plugins.reference_update is None and paths["anchor"] == paths["reference"]:
+            anchor = reference
+        else:
+            anchor = models.build_frozen_engine(paths["anchor"], cfg, frozen_conf)
+    return Engines(policy=policy, reference=reference, anchor=anchor)
+
+
+def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
+    models.init_distributed()
+    rank, world = rank_and_world()
+    out = Path(cfg.output_dir)
+    resume_from = prepare_output_dir(cfg, args, rank)
+    torch.manual_seed(cfg.train.seed)
+
+    # The embedded model is built once, by rank 0; the others wait and load it.
+    if rank == 0:
+        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
+    dist.barrier()
+    if rank != 0:
+        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
+    tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
+
+    train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})")
+    eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})") if cfg.data.eval else []
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(plugins.infos), len(train_set), len(eval_set), world)
+
+    engines = build_engines(cfg, plugins, policy_path)
+    policy = engines.policy
+    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(policy, resume_from)
+        start_step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        for name, plugin_state in state.get("plugins", {}).items():
+            plugins.call_one(name, "aligner_load_state_dict", state=plugin_state)
+        checkpoint.set_rng_state(state["rng"])
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume_from, start_step)
+
+    tb = TensorBoardLogger(out / "tensorboard", rank)
+    pad_id = tokenizer.pad_token_id
+    final_metrics: dict[str, float] = {}
+
+    def run_eval(step: int) -> None:
+        if not eval_set:
+            return
+        metrics, inputs = evaluate(plugins, engines, eval_set, cfg, pad_id)
+        tb.log(step, metrics)
+        final_metrics.update(metrics)
+        if rank == 0:  # per-example policy log-probs, to check an exported model against the engine
+            with (out / "eval_logps.jsonl").open("w") as f:
+                for i, example_id in enumerate(inputs.example_ids):
+                    f.write(json.dumps({"id": example_id, "step": step, "chosen": float(inputs.policy.chosen[i]),
+                                        "rejected": float(inputs.policy.rejected[i])}) + "\n")
+
+    def save(step: int) -> None:
+        states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
+        client = {"step": step, "sampler": sampler.state_dict(), "plugins": states, "rng": checkpoint.rng_state(),
+                  "plugin_names": list(plugins.infos), "model": cfg.model.name_or_path}
+        checkpoint.save(policy, out, step, client)
+
+    if start_step == 0:
+        run_eval(0)
+    batches = iter(sampler)
+    bar = progress_bar(cfg.train.max_steps, start_step, rank)
+    step = start_step
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        started = time.perf_counter()
+        metrics = StepMetrics()
+        real_tokens = 0
+        for _ in range(cfg.train.grad_accum):
+            batch = collate_pairs([train_set[i] for i in next(batches)], pad_id)
+            inputs = gather_inputs(batch, engines)
+            loss, step_metrics = total_loss(plugins, inputs, cfg)
+            policy.backward(loss)
+            policy.step()
+            metrics.add(step_metrics)
+            real_tokens += int(batch["attention_mask"].sum())
+        after = {}
+        for _, result in plugins.call_each("aligner_after_optimizer_step", step=step, engines=engines, config=cfg):
+            after.update(result or {})
+        elapsed = time.perf_counter() - started
+        values = metrics.means()
+        values["perf/tokens_per_s"] = real_tokens / elapsed * world  # mean over ranks x ranks = whole job
+        values = reduce_mean(values)
+        values.update(after)
+        values["lr"] = policy.get_lr()[0]
+        values["grad_norm"] = float(policy.get_global_grad_norm() or 0.0)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            tb.log(step, values)
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values.get('rewards/accuracies', float('nan')):.2f}")
+        bar.update(1)
+        final_metrics.update(values)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            run_eval(step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
+            save(step)
+    bar.close()
+
+    if step > start_step or not checkpoint.list_checkpoints(out):
+        save(step)
+    run_eval(step)
+    checkpoint.export_hf(policy, tokenizer, out / "final")
+    if rank == 0:
+        (out / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2, sort_keys=True))
+    tb.close()
+    return final_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.list_plugins:
+        print(list_plugins_table())
+        return 0
+    try:
+        cfg, plugins = configure(args)
+        run(cfg, plugins, args)
+    except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError) as exc:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"aligner: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

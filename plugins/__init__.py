@@ -1,0 +1,1 @@
+"""aligner's built-in plugins, one file each, registered through the ``aligner.plugins`` entry points."""

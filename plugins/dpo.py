@@ -1,0 +1,87 @@
+"""DPO: Direct Preference Optimization (Rafailov et al., 2023, arXiv:2305.18290, Eq. 7).
+
+With the implicit reward r(y) = β·(log π_θ(y|x) − log π_ref(y|x)) and the
+margin m = r(y_w) − r(y_l) between the chosen (y_w) and rejected (y_l)
+responses, the loss is
+
+    L = −log σ(m)
+
+averaged over the micro-batch. With ``dpo.label_smoothing`` = ε > 0 it is the
+robust (conservative) variant, as TRL computes it:
+
+    L = −(1 − ε)·log σ(m) − ε·log σ(−m)
+
+log π is the sum of the response tokens' log-probs. Defaults: β = 0.1 (the
+paper's and TRL's default), ε = 0. At the first step policy = reference, so
+m = 0 and L = ln 2 ≈ 0.6931.
+
+Metrics, with TRL's names: ``rewards/chosen`` and ``rewards/rejected`` (mean
+r), ``rewards/margins`` (mean m), ``rewards/accuracies`` (share with m > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+
+NAME = "dpo"
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  #: β, the strength of the implicit KL penalty
+    label_smoothing: float = 0.0  #: ε in [0, 0.5): assumed probability that a pair's label is flipped
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example DPO losses and the chosen/rejected implicit rewards, all shape (B,)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    margin = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, chosen_rewards, rejected_rewards
+
+
+@hookimpl
+def aligner_plugin_info() -> PluginInfo:
+    return PluginInfo(name=NAME, role="loss", summary="DPO: -log σ(β·Δlog-ratio), optional label smoothing (robust DPO)")
+
+
+@hookimpl
+def aligner_config_section():
+    return NAME, DPOConfig
+
+
+@hookimpl
+def aligner_required_models(config) -> set[str]:
+    return {"reference"}
+
+
+@hookimpl
+def aligner_loss(inputs: StepInputs, config) -> LossOutput:
+    cfg: DPOConfig = config.section(NAME)
+    losses, chosen_r, rejected_r = dpo_loss(
+        inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected,
+        cfg.beta, cfg.label_smoothing,
+    )
+    chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
+    return LossOutput(
+        loss=losses.mean(),
+        metrics={
+            "rewards/chosen": chosen_r.mean(),
+            "rewards/rejected": rejected_r.mean(),
+            "rewards/margins": (chosen_r - rejected_r).mean(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+        },
+    )

@@ -1,0 +1,61 @@
+"""Shared test setup: offline, a per-session model cache, real multi-process launches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ALIGNER_CACHE", tempfile.mkdtemp(prefix="aligner-test-cache-"))
+# Test-only plugin modules (tests/plugin_fixtures) importable by module:attr, in-process and in launched runs.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py through the real DeepSpeed launcher with ``nproc`` ranks."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard run, read back with tensorboard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from aligner import embedded
+
+    return embedded.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random Llama saved with save_pretrained (with its tokenizer)."""
+    from aligner import embedded
+
+    path = tmp_path_factory.mktemp("random-model")
+    embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

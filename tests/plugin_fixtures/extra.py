@@ -1,0 +1,72 @@
+"""Plugins that are not installed, loaded by ``module:attr`` in tests."""
+
+from dataclasses import dataclass
+
+import torch
+
+from aligner.hookspecs import LossOutput, PluginInfo, hookimpl
+
+
+@dataclass
+class ChosenNLLConfig:
+    weight: float = 0.5
+
+
+class ChosenNLL:
+    """A constraint: weight × mean per-token NLL of the chosen response (an SFT regulariser)."""
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="chosen_nll", role="constraint", summary="SFT regulariser on chosen responses")
+
+    @hookimpl
+    def aligner_config_section(self):
+        return "chosen_nll", ChosenNLLConfig
+
+    @hookimpl
+    def aligner_required_models(self, config):
+        return set()
+
+    @hookimpl
+    def aligner_constraint(self, inputs, config):
+        nll = -(inputs.policy.chosen / inputs.chosen_tokens.clamp(min=1)).mean()
+        term = config.section("chosen_nll").weight * nll
+        return LossOutput(term, {"chosen_nll/term": term.detach()})
+
+
+chosen_nll = ChosenNLL()
+
+
+class Broken:
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="broken", role="constraint", summary="raises in its hook")
+
+    @hookimpl
+    def aligner_constraint(self, inputs, config):
+        raise RuntimeError("boom from the broken plugin")
+
+
+broken = Broken()
+
+
+class SecondLoss:
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="second_loss", role="loss", summary="another loss")
+
+    @hookimpl
+    def aligner_loss(self, inputs, config):
+        return LossOutput(torch.zeros(()), {})
+
+
+second_loss = SecondLoss()
+
+
+class OldApi:
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="old_api", role="constraint", summary="built for API 0", api_version="0.3")
+
+
+old_api = OldApi()
