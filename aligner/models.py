@@ -41,6 +41,14 @@ def init_distributed(timeout_s: int = 1800) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and os.environ.get("ALIGNER_CPU_SHM_COMM", "0") != "1":
+        # DeepSpeed's shared-memory CPU all-reduce is a C++ op compiled at first use (~50 s on 2 cores), and a
+        # process killed mid-compile leaves a lock that makes every later run wait forever. Gloo alone is enough
+        # for CPU runs; ALIGNER_CPU_SHM_COMM=1 turns the op back on. DeepSpeed keeps this dict for edits
+        # (deepspeed/ops/__init__.py: "edits to it persist").
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 

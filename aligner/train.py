@@ -97,8 +97,11 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
             f"output_dir {out} already holds checkpoints ({existing[-1].name}); pass --resume auto to continue that run, "
             f"--overwrite to start afresh there, or choose another output_dir"
         )
-    if existing and rank == 0:
-        shutil.rmtree(checkpoint.checkpoint_root(out))
+    if existing and rank == 0:  # --overwrite: nothing of the old run may mix with the new one
+        for leftover in (checkpoint.checkpoint_root(out), out / "tensorboard", out / "final"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in (out / "final_metrics.json", out / "eval_logps.jsonl", out / "config.json"):
+            leftover.unlink(missing_ok=True)
     return None
 
 
