@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step_<step>`` on every rank (a collective call)."""
+def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
+         write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoints/step_<step>`` on every rank (a collective call).
+
+    ``write_extra(folder)`` runs on every rank after the engine's shards are
+    written, for per-rank state of plugins (``aligner_save_checkpoint``).
+    """
     root = checkpoint_root(output_dir)
     engine.save_checkpoint(str(root), tag=f"step_{step}", client_state=client_state)
-    return root / f"step_{step}"
+    folder = root / f"step_{step}"
+    if write_extra is not None:
+        write_extra(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
 
 
 def load(engine, checkpoint_dir: Path) -> dict[str, Any]:

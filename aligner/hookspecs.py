@@ -13,7 +13,10 @@ Every plugin implements :func:`aligner_plugin_info`, and usually
 - ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
 
 A plugin with state that must survive a resume implements
-:func:`aligner_state_dict` and :func:`aligner_load_state_dict`.
+:func:`aligner_state_dict` and :func:`aligner_load_state_dict` (small state,
+saved once), or :func:`aligner_save_checkpoint` and
+:func:`aligner_load_checkpoint` (state that lives in every rank's shards, such
+as a moved reference model).
 
 Built-in plugins are registered through the same entry-point group
 (``aligner.plugins``) as third-party ones.
@@ -27,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from aligner.config import RunConfig
@@ -202,4 +207,34 @@ def aligner_load_state_dict(state: dict[str, Any]) -> None:
     """Restore the state that :func:`aligner_state_dict` returned, on resume.
 
     :param state: the dict this plugin saved (each plugin gets its own).
+    """
+
+
+@hookspec
+def aligner_save_checkpoint(directory: Path, engines: Engines, config: RunConfig) -> None:
+    """Write this plugin's per-rank state into a checkpoint being saved.
+
+    :param directory: the checkpoint folder being written; a plugin writes only
+        under ``directory / <plugin name>``. It may not be published yet (an
+        atomic save renames it when every rank is done), so write nothing
+        elsewhere.
+    :param engines: the DeepSpeed engines of the run.
+    :param config: the run config.
+
+    Called on every rank, after the policy engine wrote its shards. For state
+    that a rank holds only a part of (the reference's ZeRO-3 shards after a
+    trust-region update); small state goes through :func:`aligner_state_dict`.
+    """
+
+
+@hookspec
+def aligner_load_checkpoint(directory: Path, engines: Engines, config: RunConfig) -> None:
+    """Restore what :func:`aligner_save_checkpoint` wrote, on resume.
+
+    :param directory: the checkpoint folder being resumed from.
+    :param engines: the DeepSpeed engines, already built and with the policy restored.
+    :param config: the run config.
+
+    Called on every rank. Raise ``ValueError`` with a message naming the file
+    when the saved state does not fit the run (a different model or world size).
     """

@@ -167,6 +167,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         sampler.load_state_dict(state["sampler"])
         for name, plugin_state in state.get("plugins", {}).items():
             plugins.call_one(name, "aligner_load_state_dict", state=plugin_state)
+        plugins.call_each("aligner_load_checkpoint", directory=resume_from, engines=engines, config=cfg)
         checkpoint.set_rng_state(state["rng"])
         if rank == 0:
             log.info("resumed from %s at step %d", resume_from, start_step)
@@ -191,7 +192,8 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
         client = {"step": step, "sampler": sampler.state_dict(), "plugins": states, "rng": checkpoint.rng_state(),
                   "plugin_names": list(plugins.infos), "model": cfg.model.name_or_path}
-        checkpoint.save(policy, out, step, client)
+        checkpoint.save(policy, out, step, client, write_extra=lambda folder: plugins.call_each(
+            "aligner_save_checkpoint", directory=folder, engines=engines, config=cfg))
 
     if start_step == 0:
         run_eval(0)
