@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from aligner.report import read_scalars  # noqa: F401  (tests read TensorBoard through the same reader as the report)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,21 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run launch/train.py through the real DeepSpeed launcher with ``nproc`` ranks."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a TensorBoard run, read back with tensorboard's own event reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="session")

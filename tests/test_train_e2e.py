@@ -85,3 +85,26 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
                            f"model.name_or_path={tmp_path / 'nowhere'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "model.name_or_path:" in proc.stderr and "is not a model folder (no config.json there)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_report_writes_plots_and_a_summary_of_the_run(dpo_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/report.py"), str(dpo_run), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plots = {p.stem for p in out.glob("*.png")}
+    assert plots == {"loss", "rewards", "margins", "accuracies", "throughput"}  # no TR or FlipGuard tags in a DPO run
+    assert Image.open(out / "loss.png").size == (700, 400)
+    summary = (out / "summary.md").read_text()
+    last_loss = read_scalars(dpo_run / "tensorboard")["train/loss"][-1][1]
+    assert f"| `train/loss` | 40 |" in summary and f"{last_loss:.4g} |" in summary
+    assert "Trained to step 40" in summary
+
+
+def test_report_of_a_folder_without_event_files_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/report.py"), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{tmp_path}/tensorboard: no TensorBoard event files; pass the output_dir of a run" in proc.stderr
