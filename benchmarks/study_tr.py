@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from aligner import embedded  # noqa: E402
 from aligner.data import collate_pairs  # noqa: E402
-from aligner.data.synthetic import gold_reward, sft_rows  # noqa: E402
+from aligner.data.synthetic import sft_rows  # noqa: E402
 from aligner.data.tokenize import Example  # noqa: E402
 from aligner.generate import generate  # noqa: E402
 from aligner.logps import batch_logps  # noqa: E402
@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hard-every", type=int, default=32, help="tr_hard.every (τ)")
     p.add_argument("--prompts", type=int, default=128, help="held-out prompts scored per checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--scorer", default="aligner.data.synthetic:gold_reward",
+                   help="gold reward, module:function(prompt, response) -> float (default: the embedded task's scorer)")
+    p.add_argument("--prompts-file", help="jsonl of held-out {'prompt': ...} rows (default: embedded-task prompts)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "study_tr"))
     p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, few prompts; writes no RESULTS.md section")
     args = p.parse_args(argv)
@@ -123,7 +126,33 @@ def response_logps(model, tokenizer, prompts: list[str], responses: list[str]) -
     return logps.chunk(2)[0].double()
 
 
+def load_scorer(target: str):
+    """``module:function`` -> the function; a user's task plugs its own deterministic gold reward in here."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SystemExit(f"--scorer {target}: cannot load it ({exc}); expected module:function(prompt, response) -> float")
+    return fn
+
+
+def load_prompts(args: argparse.Namespace) -> list[str]:
+    if not args.prompts_file:
+        return [p for p, _ in sft_rows(args.prompts, seed=987654)]  # held out: the warm-up used another seed
+    import json
+
+    with open(args.prompts_file) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+    if bad:
+        raise SystemExit(f"--prompts-file {args.prompts_file}: row {bad[0]} has no string 'prompt'")
+    return [r["prompt"] for r in rows[: args.prompts]]
+
+
 def score(model, sft_model, tokenizer, prompts: list[str], args: argparse.Namespace, seed: int) -> dict[str, float]:
+    gold_reward = load_scorer(args.scorer)
     greedy = generate(model, tokenizer, prompts, args.max_new_tokens)
     sampled = generate(model, tokenizer, prompts, args.max_new_tokens, temperature=1.0, seed=seed)
     kl = (response_logps(model, tokenizer, prompts, sampled) - response_logps(sft_model, tokenizer, prompts, sampled)).mean()
@@ -177,6 +206,34 @@ def table(rows: list[dict]) -> tuple[str, list[float]]:
     return "\n".join(lines), targets
 
 
+def verdict(rows: list[dict]) -> str:
+    """What the numbers say about the paper's claim, in one paragraph, a null result included.
+
+    For each TR run against its plain-loss run: greedy gold reward at the largest KL both
+    reached, and whether the gap exceeds the seed spread (2 standard errors of the difference).
+    """
+    cs = curves(rows)
+    sentences = []
+    for name, pts in cs.items():
+        if "+" not in name or name.split("+")[0] not in cs:
+            continue
+        base_name = name.split("+")[0]
+        base = cs[base_name]
+        shared = min(max(p[1] for p in pts), max(p[1] for p in base))
+        tr_gold, base_gold = at_kl(pts, shared), at_kl(base, shared)
+        if shared <= 0 or tr_gold is None or base_gold is None:
+            sentences.append(f"{name} and {base_name} share no KL range, so they cannot be compared at matched KL.")
+            continue
+        n = max(1, len({r["seed"] for r in rows if r["run"] == name}))
+        sd = max(pts[-1][3], base[-1][3])
+        noise = 2 * sd * math.sqrt(2 / n)
+        gap = tr_gold - base_gold
+        judged = "higher" if gap > noise else "lower" if gap < -noise else "no different (within seed noise)"
+        sentences.append(f"At KL = {shared:.2f}, {name} reaches greedy gold {tr_gold:.3f} against {base_name}'s {base_gold:.3f}: "
+                         f"{judged} (gap {gap:+.3f}, noise band ±{noise:.3f} over {n} seeds).")
+    return " ".join(sentences) or "No TR run to compare."
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -227,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in losses + [m for m in methods if m != "none"]:
         if name not in installed:
             raise SystemExit(f"plugin '{name}' is not installed; installed: {', '.join(installed)}")
+    load_scorer(args.scorer)  # fail before any training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sft_dir = embedded.ensure_embedded_model("embedded:tiny-sort")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     sft_model = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
-    prompts = [p for p, _ in sft_rows(args.prompts, seed=987654)]  # held out: the warm-up used another seed
+    prompts = load_prompts(args)
     rows: list[dict] = []
     base = {"step": 0, **score(sft_model, sft_model, tokenizer, prompts, args, seed=0)}
     started = time.time()
@@ -256,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
     text, _ = table(rows)
     plots = plot(rows, out)
+    found = verdict(rows)
     print(text)
+    print(found)
     command = "python benchmarks/study_tr.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.smoke:
         write_results(
@@ -264,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{command.strip()}` ({args.seeds} seeds, {args.steps} steps, lr {args.lr}, β {args.beta}, "
             f"tr_soft α={args.alpha} τ={args.soft_every}, tr_hard τ={args.hard_every}; {args.prompts} held-out prompts; "
             f"{time.time() - started:.0f} s on this machine). Step 0 is the SFT model "
-            f"(greedy gold {base['gold_greedy']:.3f}).\n\n" + text + "\n\n"
+            f"(greedy gold {base['gold_greedy']:.3f}).\n\n" + text + "\n\n" + "**What it shows.** " + found + "\n\n"
             + "".join(f"![{p.stem}]({p.relative_to(RESULTS.parent)})\n" for p in plots if p.is_relative_to(RESULTS.parent))
         )
     return 0

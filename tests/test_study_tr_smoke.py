@@ -21,3 +21,31 @@ def test_study_smoke_trains_each_method_and_writes_the_csv(tmp_path):
         assert 0.0 <= float(r["gold_greedy"]) <= 1.0
         assert float(r["kl"]) == 0.0 if r["step"] == "0" else abs(float(r["kl"])) < 50
     assert "| dpo+tr_soft |" in proc.stdout
+
+
+def test_a_scorer_that_cannot_be_loaded_is_refused_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/study_tr.py"), "--smoke", "--out", str(tmp_path),
+                           "--methods", "none", "--scorer", "no_such_module:score"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--scorer no_such_module:score: cannot load it" in proc.stderr
+    assert "module:function(prompt, response) -> float" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_user_scorer_and_prompts_file_are_used(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("study_tr", ROOT / "benchmarks/study_tr.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a", "b", "c"]))
+    args = study.parse_args(["--prompts-file", str(prompts), "--prompts", "2", "--scorer", "aligner.data.synthetic:gold_reward"])
+    assert study.load_prompts(args) == ["a", "b"]
+    from aligner.data.synthetic import gold_reward
+
+    assert study.load_scorer(args.scorer) is gold_reward
+    prompts.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="row 1 has no string 'prompt'"):
+        study.load_prompts(args)
