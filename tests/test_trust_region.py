@@ -144,3 +144,19 @@ def test_reference_forward_after_an_update_uses_the_new_weights(hard_run, initia
     assert float((batch["reference"] - expected).abs().max()) < 1e-4
     assert float((expected - stale).abs().max()) > 1e-2  # a stale (initial) reference would be told apart
     assert float((batch["anchor"] - stale).abs().max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_file(soft_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(soft_run / "checkpoints" / "step_7", tmp_path / "checkpoints" / "step_7")
+    for path in (tmp_path / "checkpoints" / "step_7" / "tr_soft").glob("*.safetensors"):
+        save_file(load_file(path), path, metadata={"world_size": "4", "rank": "0"})
+    proc = launch(["--config", "configs/tiny-cpu-tr.yaml", *COMMON, f"output_dir={tmp_path}", "train.max_steps=8",
+                   "--resume", "auto"])
+    assert proc.returncode == 2
+    assert "reference_rank00000.safetensors was written by a run with 4 ranks and this run has 2" in proc.stderr
+    assert "resume with 4 ranks" in proc.stderr
