@@ -68,11 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=128, help="held-out prompts scored per checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "study_tr"))
-    p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, few prompts, τ of 1 and 2; writes no RESULTS.md section")
+    p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, few prompts, τ = 1; writes no RESULTS.md section")
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.save_every, args.prompts = 1, 2, 1, 8
-        args.soft_every, args.hard_every = 1, 2  # so that both trust-region runs do update within 2 steps
+        args.soft_every, args.hard_every = 1, 1  # so that both trust-region runs update (at step 1) within 2 steps
     return args
 
 
