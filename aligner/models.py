@@ -102,13 +102,14 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: Path, cfg: RunConfig):
-    """``AutoModelForCausalLM.from_pretrained``; under ZeRO-3 the weights are partitioned while loading."""
+def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (default ``model.dtype``); under ZeRO-3 the weights
+    are partitioned while loading."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=torch_dtype(cfg.model.dtype),
+        dtype=torch_dtype(dtype or cfg.model.dtype),
         attn_implementation=attn_implementation(cfg.model.attn_implementation),
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=None,
@@ -148,8 +149,12 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     return conf
 
 
-def frozen_deepspeed_config(policy_conf: dict[str, Any]) -> dict[str, Any]:
-    """Config for a model that only runs forward (reference, anchor): no optimizer, no offload of state."""
+def frozen_deepspeed_config(policy_conf: dict[str, Any], fp32: bool = False) -> dict[str, Any]:
+    """Config for a model that only runs forward (reference, anchor): no optimizer, no offload of state.
+
+    ``fp32=True`` for a reference that a trust-region plugin moves: its weights must stay fp32 whatever the
+    policy's dtype, or small mixing weights are lost to bf16 rounding (``aligner/trust_region.py``).
+    """
     stage = policy_conf["zero_optimization"]["stage"]
     zero: dict[str, Any] = {"stage": 3 if stage == 3 else 0}
     if stage == 3:
@@ -160,7 +165,7 @@ def frozen_deepspeed_config(policy_conf: dict[str, Any]) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": policy_conf["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": policy_conf["gradient_accumulation_steps"],
         "zero_optimization": zero,
-        "bf16": copy.deepcopy(policy_conf.get("bf16", {"enabled": False})),
+        "bf16": {"enabled": False} if fp32 else copy.deepcopy(policy_conf.get("bf16", {"enabled": False})),
         "steps_per_print": 10**9,
     }
 
@@ -206,13 +211,16 @@ def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any]):
     return engine
 
 
-def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any]):
-    """A ZeRO inference engine for the reference or the anchor (no optimizer, no gradients)."""
+def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp32: bool = False):
+    """A ZeRO inference engine for the reference or the anchor (no optimizer, no gradients).
+
+    ``fp32=True`` loads the weights in fp32 (pair it with ``frozen_deepspeed_config(..., fp32=True)``).
+    """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
-    model = load_model(path, cfg)
+    model = load_model(path, cfg, "float32" if fp32 else None)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_conf)
     engine.eval()

@@ -124,7 +124,10 @@ def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> 
         paths[name] = models.resolve_path(chosen, keys[name]) if chosen else policy_path
     reference = anchor = None
     if "reference" in paths:
-        reference = models.build_frozen_engine(paths["reference"], cfg, frozen_conf)
+        # A reference that a plugin moves is kept in fp32 (aligner/trust_region.py: bf16 loses small updates).
+        moving = plugins.reference_update is not None
+        reference = models.build_frozen_engine(paths["reference"], cfg, models.frozen_deepspeed_config(ds_conf, fp32=moving),
+                                               fp32=moving)
     if "anchor" in paths:
         # While nothing moves the reference and both come from the same checkpoint, they are
         # the same weights: share one engine instead of building two.

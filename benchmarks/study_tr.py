@@ -71,10 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gold reward, module:function(prompt, response) -> float (default: the embedded task's scorer)")
     p.add_argument("--prompts-file", help="jsonl of held-out {'prompt': ...} rows (default: embedded-task prompts)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "study_tr"))
-    p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, few prompts; writes no RESULTS.md section")
+    p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, few prompts, τ = 1; writes no RESULTS.md section")
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.save_every, args.prompts = 1, 2, 1, 8
+        args.soft_every, args.hard_every = 1, 1  # so that both trust-region runs update (at step 1) within 2 steps
     return args
 
 
