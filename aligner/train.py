@@ -175,7 +175,9 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     engines = build_engines(cfg, plugins, policy_path)
     policy = engines.policy
     if rank == 0:
-        log.info("models built: %s", ", ".join(m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None))
+        built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
+        shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
+        log.info("models built: %s%s", ", ".join(built), shared)
     kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
     sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
     start_step = 0

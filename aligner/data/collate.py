@@ -34,8 +34,7 @@ def collate_pairs(examples: list[Example], pad_token_id: int) -> dict[str, torch
     (``response_mask`` marks the response tokens whose log-probs are scored),
     and ``ids`` (the B example ids).
     """
-    rows = [(ex.prompt_ids, getattr(ex, field)) for field in ("chosen_ids", "rejected_ids") for ex in examples]
-    return {**pad_rows(rows, pad_token_id), "ids": [ex.id for ex in examples]}
+    return {**pad_rows(_rows(examples)[0], pad_token_id), "ids": [ex.id for ex in examples]}
 
 
 def _rows(examples: list[Example] | list[UnpairedExample]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
