@@ -13,8 +13,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from aligner.data import Example, collate_pairs
-from aligner.hookspecs import Engines, StepInputs
+from aligner.data import Example, UnpairedExample, collate_batch
+from aligner.hookspecs import Engines, SequenceLogps, StepInputs
 from aligner.step import gather_inputs, total_loss
 
 
@@ -33,50 +33,65 @@ def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: i
 
 
 @torch.no_grad()
-def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, pad_token_id: int) -> StepInputs:
-    """Log-probs of every example under every built model, gathered onto every rank."""
+def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExample], batch_size: int,
+                   pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None) -> StepInputs:
+    """Log-probs of every example under every built model, gathered onto every rank.
+
+    Works on paired and unpaired examples. With ``kl_pairs`` the mismatched-pair
+    log-probs of every eval batch (rows of real examples only) are gathered too.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
     local: list[dict] = []
+    local_kl: list[tuple[float, float]] = []
     for batch_examples, n_real in _shard_batches(examples, batch_size, rank, world):
-        inputs = gather_inputs(collate_pairs(batch_examples, pad_token_id), engines)
-        for i in range(n_real):
-            local.append({
-                "id": inputs.example_ids[i],
-                "chosen_tokens": int(inputs.chosen_tokens[i]),
-                "rejected_tokens": int(inputs.rejected_tokens[i]),
-                **{f"{model}_{side}": float(getattr(getattr(inputs, model), side)[i])
-                   for model in ("policy", "reference", "anchor") if getattr(inputs, model) is not None
-                   for side in ("chosen", "rejected")},
-            })
-    gathered = [local]
+        batch = collate_batch(batch_examples, pad_token_id, kl_pairs, max_length)
+        inputs = gather_inputs(batch, engines)
+        n_chosen = batch["n_chosen"]
+        for row, index in enumerate(batch["row_index"]):
+            if index >= n_real:
+                continue
+            side, j = ("chosen", row) if row < n_chosen else ("rejected", row - n_chosen)
+            values = {m: float(getattr(getattr(inputs, m), side)[j]) for m in built}
+            local.append({"id": batch_examples[index].id, "side": side, **values,
+                          "tokens": int(getattr(inputs, f"{side}_tokens")[j])})
+            if inputs.kl_policy is not None:
+                ref = inputs.kl_reference[row] if inputs.kl_reference is not None else float("nan")
+                local_kl.append((float(inputs.kl_policy[row]), float(ref)))
+    gathered = [(local, local_kl)]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, local)
-    rows = sorted((r for part in gathered for r in part), key=lambda r: r["id"])
+        dist.all_gather_object(gathered, (local, local_kl))
+    rows = sorted((r for part, _ in gathered for r in part), key=lambda r: (r["id"], r["side"]))
+    chosen = [r for r in rows if r["side"] == "chosen"]
+    rejected = [r for r in rows if r["side"] == "rejected"]
 
-    def column(key: str) -> torch.Tensor:
-        return torch.tensor([r[key] for r in rows], dtype=torch.float64)
+    def column(part: list[dict], key: str) -> torch.Tensor:
+        return torch.tensor([r[key] for r in part], dtype=torch.float64)
 
-    def logps(model: str):
-        from aligner.hookspecs import SequenceLogps
+    def logps(model: str) -> SequenceLogps | None:
+        return SequenceLogps(chosen=column(chosen, model), rejected=column(rejected, model)) if model in built else None
 
-        if f"{model}_chosen" not in rows[0]:
-            return None
-        return SequenceLogps(chosen=column(f"{model}_chosen"), rejected=column(f"{model}_rejected"))
-
+    paired = not isinstance(examples[0], UnpairedExample)
+    kl = torch.tensor([v for _, part in gathered for v in part], dtype=torch.float64).reshape(-1, 2)  # (N, 2)
     return StepInputs(
         policy=logps("policy"), reference=logps("reference"), anchor=logps("anchor"),
-        chosen_tokens=column("chosen_tokens"), rejected_tokens=column("rejected_tokens"),
-        example_ids=[r["id"] for r in rows],
+        chosen_tokens=column(chosen, "tokens"), rejected_tokens=column(rejected, "tokens"),
+        example_ids=[r["id"] for r in chosen] + ([] if paired else [r["id"] for r in rejected]),
+        paired=paired,
+        kl_policy=kl[:, 0] if kl_pairs else None,
+        kl_reference=kl[:, 1] if kl_pairs and engines.reference is not None else None,
     )
 
 
-def evaluate(plugins, engines: Engines, examples: list[Example], config, pad_token_id: int) -> tuple[dict[str, float], StepInputs]:
+def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedExample], config,
+             pad_token_id: int) -> tuple[dict[str, float], StepInputs]:
     """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from."""
     was_training = engines.policy.training
     engines.policy.eval()
-    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id)
+    kl_pairs = "kl_pairs" in plugins.required_inputs(config)
+    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length)
     if was_training:
         engines.policy.train()
     with torch.no_grad():

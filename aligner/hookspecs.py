@@ -8,7 +8,9 @@ argument added here breaks no plugin.
 Every plugin implements :func:`aligner_plugin_info`, and usually
 :func:`aligner_config_section` and :func:`aligner_required_models`. Then, by role:
 
-- ``loss`` (exactly one per run): :func:`aligner_loss`.
+- ``loss`` (exactly one per run): :func:`aligner_loss`; a loss that takes
+  unpaired data or needs mismatched-pair log-probs (KTO) says so in
+  :func:`aligner_required_inputs`.
 - ``constraint`` (any number): :func:`aligner_constraint`.
 - ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
 
@@ -46,6 +48,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 ROLES = ("loss", "constraint", "reference_update")
 MODELS = ("reference", "anchor")
+#: Optional inputs a plugin may ask for in :func:`aligner_required_inputs`:
+#: ``"unpaired"``: it can train and evaluate on unpaired data (rows ``prompt``,
+#: ``completion``, ``label``), i.e. it handles :class:`StepInputs` with
+#: ``paired=False``; an unpaired dataset is refused unless the loss asks for this.
+#: ``"kl_pairs"``: it needs :attr:`StepInputs.kl_policy` and
+#: :attr:`StepInputs.kl_reference`, the log-probs of mismatched prompt/completion
+#: pairs (one extra no-grad forward of the policy and of the reference per micro-batch).
+INPUTS = ("unpaired", "kl_pairs")
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,10 @@ class SequenceLogps:
     """Summed log-probabilities of the response tokens, one value per example.
 
     ``chosen`` and ``rejected`` have shape ``(B,)``, B being the number of
-    preference pairs in the micro-batch.
+    preference pairs in the micro-batch. In an unpaired batch
+    (``StepInputs.paired`` is False) ``chosen`` holds the desirable completions
+    and ``rejected`` the undesirable ones, and their lengths may differ (either
+    may be empty).
     """
 
     chosen: torch.Tensor
@@ -78,6 +91,19 @@ class StepInputs:
     ``None`` unless some active plugin asked for that model in
     :func:`aligner_required_models`. Token counts are the number of response
     tokens scored (after truncation), shape ``(B,)``.
+
+    ``paired`` is False for a batch of unpaired rows (``prompt``, ``completion``,
+    ``label``): ``chosen``/``chosen_tokens`` then hold the desirable completions,
+    ``rejected``/``rejected_tokens`` the undesirable ones, and ``example_ids``
+    lists the desirable rows' ids, then the undesirable rows' (one per
+    completion; for paired batches one per pair). Only a loss that asked for
+    ``"unpaired"`` in :func:`aligner_required_inputs` is given such batches.
+
+    ``kl_policy`` and ``kl_reference`` (shape ``(N,)``, no gradient) are set
+    only when some plugin asked for ``"kl_pairs"``: the summed log-probs of the
+    batch's completions each scored after another row's prompt (the completions
+    shifted by one, as TRL's KTO builds its KL batch), N being the number of
+    completions in the batch (2B for pairs).
     """
 
     policy: SequenceLogps
@@ -86,6 +112,21 @@ class StepInputs:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     example_ids: list[str] = field(default_factory=list)
+    paired: bool = True
+    kl_policy: torch.Tensor | None = None
+    kl_reference: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What the training set holds, for :func:`aligner_train_data`: its name, whether its rows
+    are pairs, and its desirable/undesirable completions (for pairs: chosen/rejected, one each)."""
+
+    label: str
+    paired: bool
+    n_rows: int
+    n_desirable: int
+    n_undesirable: int
 
 
 @dataclass
@@ -139,6 +180,30 @@ def aligner_required_models(config: RunConfig) -> set[str]:
     Return a subset of ``{"reference", "anchor"}``. Only models that some
     active plugin asked for are built; their log-probs then appear in
     :class:`StepInputs`.
+    """
+
+
+@hookspec
+def aligner_required_inputs(config: RunConfig) -> set[str]:
+    """Ask for optional inputs beyond the paired log-probs.
+
+    :param config: the run config.
+
+    Return a subset of :data:`INPUTS` (``"unpaired"``, ``"kl_pairs"``); an
+    unimplemented hook asks for nothing. The core computes an input only when
+    some active plugin asked for it.
+    """
+
+
+@hookspec
+def aligner_train_data(summary: DatasetSummary, config: RunConfig) -> None:
+    """Look at the training set once it is loaded (for advice such as class balance).
+
+    :param summary: the counts of the training set.
+    :param config: the run config.
+
+    Called once, on rank 0 only, before the engines are built: write warnings
+    here; do not raise or communicate.
     """
 
 

@@ -2,6 +2,11 @@
 
 The writer flushes at every logged step, so TensorBoard is live and a killed
 run loses none of the metrics it had logged.
+
+A metric that is NaN for a micro-batch or a rank means "no value here" (a mean
+over no examples, e.g. ``rewards/chosen`` in an unpaired batch without
+desirable rows): it is left out of the averages, and stays NaN only when no
+micro-batch on any rank had a value.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ def reduce_mean(values: dict[str, float]) -> dict[str, float]:
         return {}
     keys = sorted(values)
     vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    present = ~vec.isnan()
+    sums_counts = torch.stack([vec.nan_to_num(0.0), present.double()])  # (2, K)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(vec)
-        vec /= dist.get_world_size()
-    return dict(zip(keys, vec.tolist()))
+        dist.all_reduce(sums_counts)
+    means = sums_counts[0] / sums_counts[1]  # 0/0 = NaN where no rank had a value
+    return dict(zip(keys, means.tolist()))
 
 
 class StepMetrics:
@@ -34,11 +41,12 @@ class StepMetrics:
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for key, value in metrics.items():
-            self.sums[key] += float(value)
-            self.counts[key] += 1
+            value = float(value)
+            self.sums[key] += 0.0 if value != value else value  # NaN: no value this micro-batch
+            self.counts[key] += 0 if value != value else 1
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        return {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan") for k in self.sums}
 
 
 class TensorBoardLogger:

@@ -146,6 +146,19 @@ class ActivePlugins:
             needed |= set(models or ())
         return needed
 
+    def required_inputs(self, config: Any) -> set[str]:
+        """The optional inputs (:data:`aligner.hookspecs.INPUTS`) that some active plugin asked for."""
+        needed: set[str] = set()
+        for plugin_name, inputs in self.call_each("aligner_required_inputs", config=config):
+            unknown = set(inputs or ()) - set(hookspecs.INPUTS)
+            if unknown:
+                raise PluginError(
+                    f"plugin '{plugin_name}' asked for unknown inputs {sorted(unknown)}; "
+                    f"aligner provides {', '.join(hookspecs.INPUTS)}"
+                )
+            needed |= set(inputs or ())
+        return needed
+
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call one hook on each plugin that implements it, returning (plugin name, result) pairs."""
         results = []

@@ -13,15 +13,22 @@ from aligner.logps import batch_logps
 from aligner.registry import ActivePlugins, PluginHookError
 
 
-def split_pairs(values: torch.Tensor) -> SequenceLogps:
-    """(2B,) values of [chosen..., rejected...] -> chosen (B,), rejected (B,)."""
-    chosen, rejected = values.chunk(2)
-    return SequenceLogps(chosen=chosen, rejected=rejected)
+def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLogps:
+    """(N,) values of [chosen..., rejected...] -> chosen (n_chosen,), rejected (N - n_chosen,); halves by default."""
+    n_chosen = values.shape[0] // 2 if n_chosen is None else n_chosen
+    return SequenceLogps(chosen=values[:n_chosen], rejected=values[n_chosen:])
 
 
 def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
-    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist."""
-    policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (2B,), (2B,)
+    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
+
+    A batch from :func:`aligner.data.collate_batch` may be unpaired (``paired``
+    False, the first ``n_chosen`` rows desirable) and may carry ``kl``, the
+    mismatched prompt/completion rows: those are scored by the policy and the
+    reference without gradients.
+    """
+    n_chosen = batch.get("n_chosen")
+    policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (N,), (N,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
@@ -31,15 +38,24 @@ def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
             frozen[name] = frozen["reference"]  # same weights: one forward, not two
         else:
             with torch.no_grad():
-                frozen[name] = split_pairs(batch_logps(engine, batch)[0])
-    chosen_tokens, rejected_tokens = n_tokens.chunk(2)
+                frozen[name] = split_pairs(batch_logps(engine, batch)[0], n_chosen)
+    kl_policy = kl_reference = None
+    if "kl" in batch:
+        with torch.no_grad():
+            kl_policy = batch_logps(engines.policy, batch["kl"])[0]  # (N,)
+            if engines.reference is not None:
+                kl_reference = batch_logps(engines.reference, batch["kl"])[0]
+    tokens = split_pairs(n_tokens, n_chosen)
     return StepInputs(
-        policy=split_pairs(policy_logps),
+        policy=split_pairs(policy_logps, n_chosen),
         reference=frozen["reference"],
         anchor=frozen["anchor"],
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
+        chosen_tokens=tokens.chosen,
+        rejected_tokens=tokens.rejected,
         example_ids=list(batch["ids"]),
+        paired=batch.get("paired", True),
+        kl_policy=kl_policy,
+        kl_reference=kl_reference,
     )
 
 

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from aligner import checkpoint, models
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import DataError, PairSampler, collate_pairs, load_rows, tokenize_dataset
+from aligner.data import DataError, PairSampler, UnpairedExample, collate_batch, load_rows, tokenize_dataset
 from aligner.eval import evaluate
-from aligner.hookspecs import Engines
+from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
 from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, available_plugins, list_plugins_table
 from aligner.step import gather_inputs, total_loss
@@ -105,9 +105,23 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     return None
 
 
-def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str):
+def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str, plugins: ActivePlugins):
     rows = load_rows(spec)
-    return tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
+    examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
+    if isinstance(examples[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+        raise DataError(
+            f"dataset {label} is unpaired (prompt, completion, label), but the loss '{plugins.loss}' trains on "
+            f"preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) or paired data"
+        )
+    return examples
+
+
+def summarize(examples: list, label: str) -> DatasetSummary:
+    """Counts of the training set for the ``aligner_train_data`` hook."""
+    if isinstance(examples[0], UnpairedExample):
+        n_good = sum(ex.desirable for ex in examples)
+        return DatasetSummary(label, False, len(examples), n_good, len(examples) - n_good)
+    return DatasetSummary(label, True, len(examples), len(examples), len(examples))
 
 
 def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> Engines:
@@ -153,15 +167,21 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
     tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
 
-    train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})")
-    eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})") if cfg.data.eval else []
+    train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
+    eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
     if rank == 0:
+        plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(plugins.infos), len(train_set), len(eval_set), world)
 
     engines = build_engines(cfg, plugins, policy_path)
     policy = engines.policy
+    if rank == 0:
+        built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
+        shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
+        log.info("models built: %s%s", ", ".join(built), shared)
+    kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
     sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
     start_step = 0
     if resume_from is not None:
@@ -187,9 +207,15 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         final_metrics.update(metrics)
         if rank == 0:  # per-example policy log-probs, to check an exported model against the engine
             with (out / "eval_logps.jsonl").open("w") as f:
-                for i, example_id in enumerate(inputs.example_ids):
-                    f.write(json.dumps({"id": example_id, "step": step, "chosen": float(inputs.policy.chosen[i]),
-                                        "rejected": float(inputs.policy.rejected[i])}) + "\n")
+                if inputs.paired:
+                    for i, example_id in enumerate(inputs.example_ids):
+                        f.write(json.dumps({"id": example_id, "step": step, "chosen": float(inputs.policy.chosen[i]),
+                                            "rejected": float(inputs.policy.rejected[i])}) + "\n")
+                else:  # unpaired: ids of the desirable completions, then of the undesirable ones
+                    values = torch.cat([inputs.policy.chosen, inputs.policy.rejected])
+                    for i, example_id in enumerate(inputs.example_ids):
+                        f.write(json.dumps({"id": example_id, "step": step, "label": i < len(inputs.policy.chosen),
+                                            "completion": float(values[i])}) + "\n")
 
     def save(step: int) -> None:
         states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
@@ -208,7 +234,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         metrics = StepMetrics()
         real_tokens = 0
         for _ in range(cfg.train.grad_accum):
-            batch = collate_pairs([train_set[i] for i in next(batches)], pad_id)
+            batch = collate_batch([train_set[i] for i in next(batches)], pad_id, kl_pairs, cfg.data.max_length)
             inputs = gather_inputs(batch, engines)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
             policy.backward(loss)

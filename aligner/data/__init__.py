@@ -1,8 +1,9 @@
 """Preference data: loading, validation, tokenization, batching and sampling."""
 
-from aligner.data.collate import collate_pairs
+from aligner.data.collate import collate_batch, collate_pairs
 from aligner.data.load import DataError, load_rows
 from aligner.data.sampler import PairSampler
-from aligner.data.tokenize import Example, tokenize_dataset
+from aligner.data.tokenize import Example, UnpairedExample, tokenize_dataset
 
-__all__ = ["DataError", "Example", "PairSampler", "collate_pairs", "load_rows", "tokenize_dataset"]
+__all__ = ["DataError", "Example", "PairSampler", "UnpairedExample", "collate_batch", "collate_pairs", "load_rows",
+           "tokenize_dataset"]

@@ -1,14 +1,30 @@
-"""Turn tokenized pairs into one padded batch: all chosen sequences, then all rejected ones.
+"""Turn tokenized examples into one padded batch: the chosen (desirable) rows first, then the rejected (undesirable) ones.
 
 Both halves go through each model in one forward pass (as TRL concatenates
-them), so a micro-batch of B pairs is a tensor of 2B rows.
+them), so a micro-batch of B pairs is a tensor of 2B rows. A micro-batch of
+unpaired completions is one row each, the desirable ones first.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aligner.data.tokenize import Example
+from aligner.data.tokenize import Example, UnpairedExample
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt ids, response ids) rows into ``input_ids``, ``attention_mask`` and
+    ``response_mask`` of shape (N, T); ``response_mask`` marks the response tokens to score."""
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(rows):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response)
+        attention_mask[i, :n] = 1
+        response_mask[i, len(prompt):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def collate_pairs(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor | list[str]]:
@@ -18,19 +34,48 @@ def collate_pairs(examples: list[Example], pad_token_id: int) -> dict[str, torch
     (``response_mask`` marks the response tokens whose log-probs are scored),
     and ``ids`` (the B example ids).
     """
-    seqs, masks = [], []
-    for field in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            response = getattr(ex, field)
-            seqs.append(ex.prompt_ids + response)
-            masks.append([0] * len(ex.prompt_ids) + [1] * len(response))
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    response_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (seq, mask) in enumerate(zip(seqs, masks)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-        response_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "ids": [ex.id for ex in examples]}
+    return {**pad_rows(_rows(examples)[0], pad_token_id), "ids": [ex.id for ex in examples]}
+
+
+def _rows(examples: list[Example] | list[UnpairedExample]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The (prompt, response) rows of a batch, chosen/desirable first, and each row's example index."""
+    if examples and isinstance(examples[0], UnpairedExample):
+        order = [i for i, ex in enumerate(examples) if ex.desirable] + [i for i, ex in enumerate(examples) if not ex.desirable]
+        return [(examples[i].prompt_ids, examples[i].completion_ids) for i in order], order
+    rows = [(ex.prompt_ids, getattr(ex, field)) for field in ("chosen_ids", "rejected_ids") for ex in examples]
+    return rows, [*range(len(examples)), *range(len(examples))]
+
+
+def mismatched_rows(rows: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Row k's prompt with row k-1's response (the responses shifted by one, as TRL's KTO
+    builds its KL batch), the response cut so that prompt + response fits ``max_length``."""
+    out = []
+    for k, (prompt, _) in enumerate(rows):
+        response = rows[k - 1][1]
+        out.append((prompt, response[: max(1, max_length - len(prompt))]))
+    return out
+
+
+def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id: int, kl_pairs: bool = False,
+                  max_length: int | None = None) -> dict:
+    """Collate paired or unpaired examples for :func:`aligner.step.gather_inputs`.
+
+    Returns the padded tensors of :func:`pad_rows` over N rows (2B for B pairs),
+    ``n_chosen`` (the first ``n_chosen`` rows are chosen/desirable), ``paired``,
+    ``row_index`` (each row's index into ``examples``) and ``ids`` (the example
+    ids: one per pair, or one per row for unpaired examples). With ``kl_pairs``,
+    ``kl`` holds the padded mismatched rows of :func:`mismatched_rows`.
+    """
+    rows, row_index = _rows(examples)
+    paired = not isinstance(examples[0], UnpairedExample)
+    batch = {
+        **pad_rows(rows, pad_token_id),
+        "n_chosen": len(examples) if paired else sum(ex.desirable for ex in examples),
+        "paired": paired,
+        "row_index": row_index,
+        "ids": [ex.id for ex in examples] if paired else [examples[i].id for i in row_index],
+    }
+    if kl_pairs:
+        limit = max_length or max(len(p) + len(r) for p, r in rows)
+        batch["kl"] = pad_rows(mismatched_rows(rows, limit), pad_token_id)
+    return batch
