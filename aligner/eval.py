@@ -15,10 +15,11 @@ import torch.distributed as dist
 
 from aligner.data import Example, collate_pairs
 from aligner.hookspecs import Engines, StepInputs
+from aligner.regression import likelihood_margins, preference_flips
 from aligner.step import gather_inputs, total_loss
 
 
-def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
+def shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
     """This rank's batches and how many of each are real. Every rank gets the same number of
     batches (ZeRO-3 forwards are collective), the short ones padded by repeating an example."""
     shard = examples[rank::world]
@@ -33,13 +34,14 @@ def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: i
 
 
 @torch.no_grad()
-def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, pad_token_id: int) -> StepInputs:
-    """Log-probs of every example under every built model, gathered onto every rank."""
+def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, pad_token_id: int,
+                   static: dict | None = None) -> StepInputs:
+    """Log-probs of every example under every built (or cached, ``static``) model, gathered onto every rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     local: list[dict] = []
-    for batch_examples, n_real in _shard_batches(examples, batch_size, rank, world):
-        inputs = gather_inputs(collate_pairs(batch_examples, pad_token_id), engines)
+    for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
+        inputs = gather_inputs(collate_pairs(batch_examples, pad_token_id), engines, static)
         for i in range(n_real):
             local.append({
                 "id": inputs.example_ids[i],
@@ -72,14 +74,22 @@ def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, p
     )
 
 
-def evaluate(plugins, engines: Engines, examples: list[Example], config, pad_token_id: int) -> tuple[dict[str, float], StepInputs]:
-    """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from."""
+def evaluate(plugins, engines: Engines, examples: list[Example], config, pad_token_id: int,
+             static: dict | None = None) -> tuple[dict[str, float], StepInputs]:
+    """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from.
+
+    With an anchor, also the regression metrics against it (:func:`aligner.regression.preference_flips`)
+    under ``eval/regression/...``.
+    """
     was_training = engines.policy.training
     engines.policy.eval()
-    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id)
+    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, static)
     if was_training:
         engines.policy.train()
     with torch.no_grad():
         _, metrics = total_loss(plugins, inputs, config)
     out = {("eval/loss" if k == "train/loss" else f"eval/{k}"): float(v) for k, v in metrics.items()}
+    if inputs.anchor is not None:
+        flips = preference_flips(likelihood_margins(inputs.policy), likelihood_margins(inputs.anchor))
+        out.update({f"eval/regression/{k}": v for k, v in flips.items()})
     return out, inputs

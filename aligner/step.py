@@ -19,13 +19,19 @@ def split_pairs(values: torch.Tensor) -> SequenceLogps:
     return SequenceLogps(chosen=chosen, rejected=rejected)
 
 
-def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
-    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist."""
+def gather_inputs(batch: dict, engines: Engines, static: dict | None = None) -> StepInputs:
+    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
+
+    :param static: model name -> its cached log-probs for this batch's split (an
+        :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
+    """
     policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (2B,), (2B,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
-        if engine is None:
+        if static and name in static:
+            frozen[name] = static[name].logps(list(batch["ids"]), policy_logps.device)
+        elif engine is None:
             frozen[name] = None
         elif name == "anchor" and engine is engines.reference:
             frozen[name] = frozen["reference"]  # same weights: one forward, not two
