@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,24 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
     return {k: v for part in parts for k, v in part.items()}
 
 
+def _drop(engine) -> bool:
+    """Release a frozen engine (DeepSpeed's ``destroy``, then the last reference); True when its module was freed."""
+    module = getattr(engine, "module", engine)
+    alive = weakref.ref(module)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+        # ZeRO-3 appends each engine's top module to a module-level list that nothing pops
+        # (deepspeed/runtime/zero/parameter_offload.py, FWD_MODULE_STACK), which would keep the
+        # whole model alive; take ours out.
+        from deepspeed.runtime.zero import parameter_offload
+
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+        stack[:] = [m for m in stack if m is not module]
+    del engine, module
+    gc.collect()
+    return alive() is None
+
+
 def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
             attn_implementation: str, batch_size: int, pad_token_id: int,
             build_engine: Callable[[Path], object]) -> dict[str, StaticLogps]:
@@ -225,20 +244,20 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
         n_total = sum(map(len, splits.values()))
         missing = {s: [ex for ex in exs if (s, ex.id) not in cache.entries] for s, exs in splits.items()}
         n_missing = sum(map(len, missing.values()))
+        record: dict = {"computed": n_missing, "reused": n_total - n_missing}
         if n_missing:
             engine = build_engine(model_path)
             for split, examples in missing.items():
                 if examples:
                     cache.entries.update(_compute(engine, examples, split, batch_size, pad_token_id))
-            del engine
-            gc.collect()
+            record["engine_released"] = _drop(engine)
         if rank == 0:
             if n_missing:
                 save(cache, path)
             history_path = path.with_suffix(".json")
             history = json.loads(history_path.read_text()) if history_path.is_file() else {"passes": []}
             history.update(models=names, model_path=str(model_path), fingerprint=cache.fingerprint)
-            history["passes"].append({"computed": n_missing, "reused": n_total - n_missing})
+            history["passes"].append(record)
             history_path.write_text(json.dumps(history, indent=2))
             log.info("static log-probs of %s (%s): %d computed, %d reused from %s",
                      stem, model_path, n_missing, n_total - n_missing, path)

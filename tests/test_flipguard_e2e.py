@@ -37,7 +37,7 @@ def test_anchor_and_reference_share_one_cache_computed_once(runs):
     files = sorted(p.name for p in (runs["cached"] / "static_logps").iterdir())
     assert files == ["anchor+reference.json", "anchor+reference.pt"]
     history = json.loads((runs["cached"] / "static_logps/anchor+reference.json").read_text())
-    assert history["passes"] == [{"computed": N_TRAIN + N_EVAL, "reused": 0}]  # one pre-pass over both splits
+    assert history["passes"] == [{"computed": N_TRAIN + N_EVAL, "reused": 0, "engine_released": True}]  # one pre-pass, engine freed
     assert not (runs["uncached"] / "static_logps").exists()
 
 

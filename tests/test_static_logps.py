@@ -53,7 +53,7 @@ def test_cache_is_computed_once_then_reused_and_equals_a_fresh_forward(model_dir
     again = prepare(model_dir, splits, tmp_path / "run", build)
     assert build.calls == 1  # complete cache on disk: no engine built
     history = json.loads((tmp_path / "run/static_logps/anchor+reference.json").read_text())
-    assert history["passes"] == [{"computed": 20, "reused": 0}, {"computed": 0, "reused": 20}]
+    assert history["passes"] == [{"computed": 20, "reused": 0, "engine_released": True}, {"computed": 0, "reused": 20}]
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for split, part in splits.items():
