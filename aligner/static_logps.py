@@ -17,7 +17,13 @@ model (the SHA-256 of its weight and config files, its dtype and attention
 implementation). On start the file is reused when the fingerprint matches; a
 file written for other weights, other tokens, or one that cannot be read stops
 the run with an error saying what to do. ``<models>.json`` beside it records
-how many examples each run computed and reused.
+how many examples each run computed and reused, and whether the dropped engine
+was freed.
+
+Exactness: the eval split is scored in the same batches as the evaluation
+itself, so its cached values are bitwise those a live forward would give; a
+train example's value can differ from a live forward in its training batch by
+fp32 rounding (another padding width), ~1e-6.
 """
 
 from __future__ import annotations
@@ -193,10 +199,10 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _drop(engine) -> bool:
-    """Release a frozen engine (DeepSpeed's ``destroy``, then the last reference); True when its module was freed."""
+def _release(engine) -> weakref.ref:
+    """Detach a frozen engine from DeepSpeed's globals; return a weak reference to its module, which is
+    freed once the caller drops its last reference to the engine."""
     module = getattr(engine, "module", engine)
-    alive = weakref.ref(module)
     if hasattr(engine, "destroy"):
         engine.destroy()
         # ZeRO-3 appends each engine's top module to a module-level list that nothing pops
@@ -206,9 +212,7 @@ def _drop(engine) -> bool:
 
         stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
         stack[:] = [m for m in stack if m is not module]
-    del engine, module
-    gc.collect()
-    return alive() is None
+    return weakref.ref(module)
 
 
 def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
@@ -250,7 +254,10 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
             for split, examples in missing.items():
                 if examples:
                     cache.entries.update(_compute(engine, examples, split, batch_size, pad_token_id))
-            record["engine_released"] = _drop(engine)
+            alive = _release(engine)
+            del engine
+            gc.collect()
+            record["engine_released"] = alive() is None
         if rank == 0:
             if n_missing:
                 save(cache, path)
