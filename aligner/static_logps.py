@@ -212,6 +212,18 @@ def _release(engine) -> weakref.ref:
 
         stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
         stack[:] = [m for m in stack if m is not module]
+        # ... and memoises, in one process-wide functools.lru_cache, which parameters to release per
+        # (coordinator, submodule): clear it (a cache; other engines simply recompute their entries).
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+        for _ in range(4):  # through the decorators (instrument_w_nvtx keeps the function in its closure)
+            if fn is None or hasattr(fn, "cache_clear"):
+                break
+            inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+            fn = getattr(fn, "__wrapped__", None) or (inner[0] if inner else None)
+        if fn is not None and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
     return weakref.ref(module)
 
 
