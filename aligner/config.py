@@ -85,6 +85,9 @@ class TrainConfig:
     offload_params: bool = False
     #: A DeepSpeed JSON file whose keys override the generated DeepSpeed config.
     deepspeed_config: str | None = None
+    #: Compute the log-probs of models that never change (the anchor; the reference while no plugin moves it)
+    #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/static_logps.py).
+    cache_static_logps: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):

@@ -15,10 +15,11 @@ import torch.distributed as dist
 
 from aligner.data import Example, UnpairedExample, collate_batch
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
+from aligner.regression import likelihood_margins, preference_flips
 from aligner.step import gather_inputs, total_loss
 
 
-def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
+def shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
     """This rank's batches and how many of each are real. Every rank gets the same number of
     batches (ZeRO-3 forwards are collective), the short ones padded by repeating an example."""
     shard = examples[rank::world]
@@ -34,20 +35,21 @@ def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: i
 
 @torch.no_grad()
 def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExample], batch_size: int,
-                   pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None) -> StepInputs:
-    """Log-probs of every example under every built model, gathered onto every rank.
+                   pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None,
+                   static: dict | None = None) -> StepInputs:
+    """Log-probs of every example under every built (or cached, ``static``) model, gathered onto every rank.
 
     Works on paired and unpaired examples. With ``kl_pairs`` the mismatched-pair
     log-probs of every eval batch (rows of real examples only) are gathered too.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
+    built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
     local: list[dict] = []
     local_kl: list[tuple[float, float]] = []
-    for batch_examples, n_real in _shard_batches(examples, batch_size, rank, world):
+    for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate_batch(batch_examples, pad_token_id, kl_pairs, max_length)
-        inputs = gather_inputs(batch, engines)
+        inputs = gather_inputs(batch, engines, static)
         n_chosen = batch["n_chosen"]
         for row, index in enumerate(batch["row_index"]):
             if index >= n_real:
@@ -86,15 +88,23 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
 
 
 def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedExample], config,
-             pad_token_id: int) -> tuple[dict[str, float], StepInputs]:
-    """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from."""
+             pad_token_id: int, static: dict | None = None) -> tuple[dict[str, float], StepInputs]:
+    """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from.
+
+    With an anchor and paired data, also the regression metrics against it
+    (:func:`aligner.regression.preference_flips`) under ``eval/regression/...``.
+    """
     was_training = engines.policy.training
     engines.policy.eval()
     kl_pairs = "kl_pairs" in plugins.required_inputs(config)
-    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length)
+    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length,
+                            static)
     if was_training:
         engines.policy.train()
     with torch.no_grad():
         _, metrics = total_loss(plugins, inputs, config)
     out = {("eval/loss" if k == "train/loss" else f"eval/{k}"): float(v) for k, v in metrics.items()}
+    if inputs.anchor is not None and inputs.paired:
+        flips = preference_flips(likelihood_margins(inputs.policy), likelihood_margins(inputs.anchor))
+        out.update({f"eval/regression/{k}": v for k, v in flips.items()})
     return out, inputs

@@ -140,7 +140,9 @@ class LossOutput:
 @dataclass
 class Engines:
     """The DeepSpeed engines of a run. ``reference`` and ``anchor`` may be ``None``,
-    or the same object when no reference-update plugin is active."""
+    or the same object when no reference-update plugin is active. A model whose
+    log-probs come from the static cache (``train.cache_static_logps``: the anchor,
+    and the reference while nothing moves it) has no engine during the steps."""
 
     policy: Any
     reference: Any = None

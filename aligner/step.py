@@ -19,20 +19,25 @@ def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLo
     return SequenceLogps(chosen=values[:n_chosen], rejected=values[n_chosen:])
 
 
-def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
+def gather_inputs(batch: dict, engines: Engines, static: dict | None = None) -> StepInputs:
     """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
 
     A batch from :func:`aligner.data.collate_batch` may be unpaired (``paired``
     False, the first ``n_chosen`` rows desirable) and may carry ``kl``, the
     mismatched prompt/completion rows: those are scored by the policy and the
     reference without gradients.
+
+    :param static: model name -> its cached log-probs for this batch's split (an
+        :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
     """
     n_chosen = batch.get("n_chosen")
     policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (N,), (N,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
-        if engine is None:
+        if static and name in static:
+            frozen[name] = static[name].logps(list(batch["ids"]), policy_logps.device)
+        elif engine is None:
             frozen[name] = None
         elif name == "anchor" and engine is engines.reference:
             frozen[name] = frozen["reference"]  # same weights: one forward, not two

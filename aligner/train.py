@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import checkpoint, models
+from aligner import checkpoint, models, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import DataError, PairSampler, UnpairedExample, collate_batch, load_rows, tokenize_dataset
 from aligner.eval import evaluate
@@ -98,7 +98,7 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
             f"--overwrite to start afresh there, or choose another output_dir"
         )
     if existing and rank == 0:  # --overwrite: nothing of the old run may mix with the new one
-        for leftover in (checkpoint.checkpoint_root(out), out / "tensorboard", out / "final"):
+        for leftover in (checkpoint.checkpoint_root(out), out / "tensorboard", out / "final", static_logps.cache_dir(out)):
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in (out / "final_metrics.json", out / "eval_logps.jsonl", out / "config.json"):
             leftover.unlink(missing_ok=True)
@@ -124,25 +124,31 @@ def summarize(examples: list, label: str) -> DatasetSummary:
     return DatasetSummary(label, True, len(examples), len(examples), len(examples))
 
 
-def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> Engines:
-    """Build only the models some plugin asked for; one engine when reference and anchor are the same weights."""
-    required = plugins.required_models(cfg)
-    ds_conf = models.deepspeed_config(cfg)
-    frozen_conf = models.frozen_deepspeed_config(ds_conf)
-    policy = models.build_policy_engine(policy_path, cfg, ds_conf)
+def frozen_model_paths(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> dict[str, Path]:
+    """The checkpoint of each frozen or updated model some plugin asked for (``reference``, ``anchor``)."""
     keys = {"reference": "model.reference_path", "anchor": "anchor path (from its plugin)"}
     paths: dict[str, Path] = {}
-    for name in sorted(required):
+    for name in sorted(plugins.required_models(cfg)):
         chosen = plugins.hook.aligner_model_path(model=name, config=cfg)
         chosen = chosen or (cfg.model.reference_path if name == "reference" else None)
         paths[name] = models.resolve_path(chosen, keys[name]) if chosen else policy_path
+    return paths
+
+
+def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path, paths: dict[str, Path],
+                  cached: set[str] = frozenset()) -> Engines:
+    """Build only the models some plugin asked for and no cache serves; one engine when reference and
+    anchor are the same weights."""
+    ds_conf = models.deepspeed_config(cfg)
+    frozen_conf = models.frozen_deepspeed_config(ds_conf)
+    policy = models.build_policy_engine(policy_path, cfg, ds_conf)
     reference = anchor = None
-    if "reference" in paths:
+    if "reference" in paths and "reference" not in cached:
         # A reference that a plugin moves is kept in fp32 (aligner/trust_region.py: bf16 loses small updates).
         moving = plugins.reference_update is not None
         reference = models.build_frozen_engine(paths["reference"], cfg, models.frozen_deepspeed_config(ds_conf, fp32=moving),
                                                fp32=moving)
-    if "anchor" in paths:
+    if "anchor" in paths and "anchor" not in cached:
         # While nothing moves the reference and both come from the same checkpoint, they are
         # the same weights: share one engine instead of building two.
         if reference is not None and plugins.reference_update is None and paths["anchor"] == paths["reference"]:
@@ -150,6 +156,20 @@ def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> 
         else:
             anchor = models.build_frozen_engine(paths["anchor"], cfg, frozen_conf)
     return Engines(policy=policy, reference=reference, anchor=anchor)
+
+
+def cache_static_models(cfg: RunConfig, plugins: ActivePlugins, paths: dict[str, Path], splits: dict,
+                        pad_id: int) -> dict[str, static_logps.StaticLogps]:
+    """Cached log-probs of the models that never change: the anchor, and the reference while no plugin moves it."""
+    if not cfg.train.cache_static_logps or any(isinstance(split[0], UnpairedExample) for split in splits.values() if split):
+        return {}  # the cache holds paired examples only
+    # The reference stays live when a plugin moves it, or when a loss needs it on the step's mismatched pairs (kto).
+    live_reference = plugins.reference_update is not None or "kl_pairs" in plugins.required_inputs(cfg)
+    static = {n: p for n, p in paths.items() if n == "anchor" or not live_reference}
+    frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
+    return static_logps.prepare(
+        static, splits, cfg.output_dir, cfg.model.dtype, models.attn_implementation(cfg.model.attn_implementation),
+        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf))
 
 
 def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
@@ -175,7 +195,12 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(plugins.infos), len(train_set), len(eval_set), world)
 
-    engines = build_engines(cfg, plugins, policy_path)
+    pad_id = tokenizer.pad_token_id
+    paths = frozen_model_paths(cfg, plugins, policy_path)
+    static = cache_static_models(cfg, plugins, paths, {"train": train_set, "eval": eval_set}, pad_id)
+    engines = build_engines(cfg, plugins, policy_path, paths, cached=set(static))
+    train_static = {name: cache.split("train") for name, cache in static.items()}
+    eval_static = {name: cache.split("eval") for name, cache in static.items()}
     policy = engines.policy
     if rank == 0:
         built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
@@ -196,13 +221,12 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
             log.info("resumed from %s at step %d", resume_from, start_step)
 
     tb = TensorBoardLogger(out / "tensorboard", rank)
-    pad_id = tokenizer.pad_token_id
     final_metrics: dict[str, float] = {}
 
     def run_eval(step: int) -> None:
         if not eval_set:
             return
-        metrics, inputs = evaluate(plugins, engines, eval_set, cfg, pad_id)
+        metrics, inputs = evaluate(plugins, engines, eval_set, cfg, pad_id, eval_static)
         tb.log(step, metrics)
         final_metrics.update(metrics)
         if rank == 0:  # per-example policy log-probs, to check an exported model against the engine
@@ -235,7 +259,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         real_tokens = 0
         for _ in range(cfg.train.grad_accum):
             batch = collate_batch([train_set[i] for i in next(batches)], pad_id, kl_pairs, cfg.data.max_length)
-            inputs = gather_inputs(batch, engines)
+            inputs = gather_inputs(batch, engines, train_static)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
             policy.backward(loss)
             policy.step()
@@ -281,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, plugins = configure(args)
         run(cfg, plugins, args)
-    except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError) as exc:
+    except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError,
+            static_logps.StaticCacheError) as exc:
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0:
             print(f"aligner: error: {exc}", file=sys.stderr)
