@@ -17,7 +17,8 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
   memory. Params under ``stage3_param_persistence_threshold`` stay whole on
   every rank.
 - ZeRO-3 working buffers: the gradient reduce bucket (``reduce_bucket_size``
-  elements of the model dtype) and the gathered (un-partitioned) parameters,
+  elements of the model dtype), its concatenated copy for the reduce-scatter
+  during backward, and the gathered (un-partitioned) parameters,
   at most ``stage3_max_live_parameters`` (+ the prefetch bucket) at a time.
 - each frozen engine (reference, anchor): d_f·P/N (no persistent params),
   and its gathered parameters while it runs. A reference that a
@@ -215,6 +216,8 @@ class Line:
     name: str
     bytes: float
     note: str = ""
+    #: ``held`` for the whole loop; ``fwd`` only during forward+backward; ``step`` only in the optimizer step.
+    phase: str = "held"
 
 
 @dataclass
@@ -233,7 +236,9 @@ class Estimate:
 
     @property
     def steady_total(self) -> float:
-        return self.overhead + sum(line.bytes for line in self.steady)
+        """Overhead + what is held + the larger of the forward/backward and optimizer-step transients."""
+        phase = {p: sum(line.bytes for line in self.steady if line.phase == p) for p in ("held", "fwd", "step")}
+        return self.overhead + phase["held"] + max(phase["fwd"], phase["step"])
 
     @property
     def prepass_total(self) -> float:
@@ -299,7 +304,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
                        f"{cfg.model.dtype}, 1/{shard[0]} of {P / 1e9:.3f}B" + (f" + {persistent:,} persistent" if persistent else ""))
     (est.host if offload_par else est.steady).append(params_line)
     est.steady.append(Line("policy gradient partitions", d * P / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
-    where.append(Line("policy fp32 gradients", 4 * P / shard[2], "flattened for the optimizer step"))
+    where.append(Line("policy fp32 gradients", 4 * P / shard[2], "flattened for the optimizer step", "step"))
     where.append(Line("policy fp32 master", 4 * P / shard[2], "fp32 copy of the partition"))
     where.append(Line("policy Adam moments", 8 * P / shard[2], "exp_avg + exp_avg_sq, fp32"))
 
@@ -308,6 +313,9 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
         bucket = _zero_setting(zero, "reduce_bucket_size")
         touched = min(bucket, P) if device == "cpu" else bucket
         est.steady.append(Line("reduce bucket", d * touched, f"{int(bucket):,} elements" + (" (pages written)" if device == "cpu" else "")))
+        # reduce_scatter_coalesced (deepspeed/runtime/comm/coalesced_collectives.py) concatenates the bucket's
+        # padded partitions into one new buffer before the collective: a second copy of a full bucket.
+        est.steady.append(Line("reduce-scatter staging", d * min(bucket, P), "torch.cat of the bucket's partitions", "fwd"))
         live = min(P, _zero_setting(zero, "stage3_max_live_parameters") + _zero_setting(zero, "stage3_prefetch_bucket_size"))
         est.steady.append(Line("policy gathered params", d * live, f"{int(live):,} live elements (max_live + prefetch)"))
     elif stage in (1, 2):
@@ -326,9 +334,9 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     else:
         act = shape.num_layers * per_layer
         act_note = f"{T} tokens x {shape.num_layers} layers, {attn} attention"
-    est.steady.append(Line("policy activations", act, act_note))
+    est.steady.append(Line("policy activations", act, act_note, "fwd"))
     logits = T * shape.vocab_size * (2 * d + 4)
-    est.steady.append(Line("policy logits", logits, f"{T} x {shape.vocab_size} ({cfg.model.dtype} logits + picked rows + fp32 copy)"))
+    est.steady.append(Line("policy logits", logits, f"{T} x {shape.vocab_size} ({cfg.model.dtype} logits + picked rows + fp32 copy)", "fwd"))
 
     # Frozen engines.
     frozen_shapes = frozen_shapes or {}
@@ -344,9 +352,8 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
         if fm.cached:
             eval_T = 2 * cfg.eval.batch_size * L
             est.prepass += [frozen_params, *frozen_run,
-                            Line(f"{fm.role} forward (pre-pass)", eval_T * (fshape.vocab_size * (2 * fd + 4)
-                                                                             + 3 * fshape.intermediate_size * fd),
-                                 f"{eval_T} tokens at eval.batch_size")]
+                            Line(f"{fm.role} forward (pre-pass)", eval_T * (2 * fshape.vocab_size * fd + 3 * fshape.intermediate_size * fd)
+                                 + min(eval_T, 1024) * fshape.vocab_size * 4, f"{eval_T} tokens at eval.batch_size")]
             est.steady.append(Line(f"{fm.role} log-prob cache", 0.0, "cached: engine dropped after the pre-pass"))
         else:
             est.steady += [frozen_params, *frozen_run]
@@ -355,8 +362,8 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
         # Runs after the policy's forward, whose activations are alive: one transient layer and its logits.
         fshape = frozen_shapes.get(non_cached[0].path, shape)
         fd = max(_bytes(fm.dtype) for fm in non_cached)
-        est.steady.append(Line("frozen forward (transient)", T * (fshape.vocab_size * (2 * fd + 4) + 3 * fshape.intermediate_size * fd),
-                               f"{T} tokens, one engine at a time"))
+        est.steady.append(Line("frozen forward (transient)", T * (2 * fshape.vocab_size * fd + 3 * fshape.intermediate_size * fd)
+                               + min(T, 1024) * fshape.vocab_size * 4, f"{T} tokens: logits, picked rows, one layer's MLP", "fwd"))
     if est.prepass:
         # The pre-pass runs before the policy is built: only the overhead and the frozen engines (one at a time,
         # so the largest counts).
@@ -388,9 +395,10 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     out.append("")
     out.append(f"{'per rank, training':<34} {'GiB':>9}  note")
     for line in est.steady:
-        out.append(f"  {line.name:<32} {line.bytes / GIB:9.3f}  {line.note}")
+        tag = {"held": "", "fwd": " [fwd/bwd]", "step": " [optimizer step]"}[line.phase]
+        out.append(f"  {line.name:<32} {line.bytes / GIB:9.3f}  {line.note}{tag}")
     out.append(f"  {'per-process overhead':<32} {est.overhead / GIB:9.3f}  constant (aligner.estimate.OVERHEAD_GIB['{est.device}'])")
-    out.append(f"  {'total':<32} {est.steady_total / GIB:9.3f}")
+    out.append(f"  {'total':<32} {est.steady_total / GIB:9.3f}  held + max([fwd/bwd], [optimizer step])")
     if est.prepass:
         out.append(f"{'per rank, static-cache pre-pass':<34}")
         for line in est.prepass:

@@ -5,9 +5,9 @@ each plugin set (building 1, 2 or 3 models), it trains a few steps with ``benchm
 reads each rank's peak RSS over steps 2..N, and puts it beside ``aligner-estimate --device cpu`` for the same
 config. The 3-model set sets ``model.reference_path`` to a second checkpoint, so reference and anchor differ.
 
-    python benchmarks/scale_cpu.py --sizes 20m,60m,150m --ranks 1,2 --write benchmarks/RESULTS.md
+    python benchmarks/scale_cpu.py --sizes 20m,60m,100m --ranks 2,1 --write benchmarks/RESULTS.md
 
-Keep the largest size small enough for the machine: a 150M model with 3 models on 1 rank needs about 5 GiB.
+Keep the largest size small enough for the machine: 100M parameters with 3 models needs about 4.5 GiB per rank.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SIZES = {
     "5m": (256, 704, 6, 4, 2),
     "20m": (512, 1408, 7, 8, 2),
     "60m": (768, 2048, 9, 12, 4),
+    "100m": (1024, 2816, 8, 16, 4),
     "150m": (1024, 2816, 12, 16, 4),
     "400m": (1536, 4096, 16, 16, 4),
 }
@@ -138,10 +139,27 @@ def write_results(path: Path, command: str, body: str) -> None:
     path.write_text(text)
 
 
+def report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
+    fitted = statistics.median(r["steps_gib"] - r["model_gib"] for r in rows)
+    errors = [abs(r["model_gib"] + r["overhead_gib"] - r["steps_gib"]) / r["steps_gib"] for r in rows]
+    body = (table(rows, fitted) + f"\n\nPredicted = the estimator's model-dependent terms + its stated per-process overhead "
+            f"({rows[0]['overhead_gib']:.2f} GiB on CPU). Measured = the largest rank's peak RSS (VmHWM) over steps 2..{STEPS}, "
+            f"fp32, micro-batch {args.micro_batch} pairs x {args.max_length} tokens. The overhead that fits these runs best "
+            f"(median of measured − model terms) is {fitted:.2f} GiB. Largest error with the stated overhead: "
+            f"{100 * max(errors):.1f}%; rows within 15%: {sum(e <= 0.15 for e in errors)}/{len(rows)}. "
+            f"\"peak incl. loading\" is VmHWM through step 1 (checkpoint loading and the first step), not estimated.")
+    print(body, flush=True)
+    if args.write:
+        command = "python benchmarks/scale_cpu.py " + " ".join(f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
+        write_results(Path(args.write), command, body)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="20m,60m,150m", help=f"comma-separated, from {', '.join(SIZES)}")
-    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--sizes", default="20m,60m,100m", help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument("--ranks", default="2,1")
+    p.add_argument("--one-rank-sets", default="2 models", help="plugin sets that also run on 1 rank (the rest: only the "
+                   "largest rank count of --ranks)")
     p.add_argument("--sets", default=",".join(PLUGIN_SETS), help="comma-separated plugin sets")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
@@ -165,26 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                     write_checkpoint(other, size, seed=2)
                 config = work / f"{size}-{set_name.replace(' ', '')}.yaml"
                 write_config(config, model, other if second else None, data, args.micro_batch, args.max_length)
-                for ranks in map(int, args.ranks.split(",")):
+                rank_counts = [int(r) for r in args.ranks.split(",")]
+                for ranks in rank_counts:
+                    if ranks == 1 and len(rank_counts) > 1 and set_name not in args.one_rank_sets.split(","):
+                        continue
                     row = {"size": size, "ranks": ranks, "plugins": plugins.replace("plugin_fixtures.memory:", ""),
                            **predict(config, plugins, ranks), **measure(config, plugins, ranks, work / "run", args.timeout)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    report(rows, args, argv)  # after every run, so a cut-short sweep still leaves its rows
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    fitted = statistics.median(r["steps_gib"] - r["model_gib"] for r in rows)
-    errors = [abs(r["model_gib"] + r["overhead_gib"] - r["steps_gib"]) / r["steps_gib"] for r in rows]
-    body = (table(rows, fitted) + f"\n\nPredicted = the estimator's model-dependent terms + its stated per-process overhead "
-            f"({rows[0]['overhead_gib']:.2f} GiB on CPU). Measured = the largest rank's peak RSS (VmHWM) over steps 2..{STEPS}, "
-            f"fp32, micro-batch {args.micro_batch} pairs x {args.max_length} tokens. The overhead that fits these runs best "
-            f"(median of measured − model terms) is {fitted:.2f} GiB. Largest error with the stated overhead: "
-            f"{100 * max(errors):.1f}%; rows within 15%: {sum(e <= 0.15 for e in errors)}/{len(rows)}. "
-            f"\"peak incl. loading\" is VmHWM through step 1 (checkpoint loading and the first step), not estimated.")
-    print(body)
-    if args.write:
-        command = "python benchmarks/scale_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results(Path(args.write), command, body)
     return 0
 
 
