@@ -13,6 +13,8 @@ from aligner import estimate
 from aligner.train import configure
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 LLAMA3_8B = estimate.ModelShape.from_dict(estimate.BUILTIN_SHAPES["llama3-8b"], "llama3-8b")
 FIXTURES = "plugin_fixtures.memory"
 
@@ -166,3 +168,20 @@ def test_a_config_json_without_llama_keys_is_a_clear_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--config", "configs/tiny-cpu.yaml", "--model-config", str(tmp_path))
     assert code == 2
     assert "no vocab_size, intermediate_size, num_hidden_layers, num_attention_heads" in err
+
+
+def test_scale_8b_script_parses_and_its_estimate_helpers_run(tmp_path, capsys):
+    import scale_8b
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "scale_8b.sh")]).returncode == 0
+    assert scale_8b.chosen_plugins() in ("dpo", "tr_soft,flipguard")
+    sets = ["train.micro_batch_size=1", "train.grad_accum=1", "data.eval=null"]
+    layers = scale_8b.fit_layers("configs/llama3-8b-zero3-offload.yaml", "dpo", 78.0, 110.0, sets)
+    assert 1 <= layers < 32  # 8B with offload needs ~120 GiB of host memory
+    one = scale_8b.estimate_for("configs/llama3-8b-zero3-offload.yaml", "dpo", layers, 1, sets)
+    more = scale_8b.estimate_for("configs/llama3-8b-zero3-offload.yaml", "dpo", layers + 1, 1, sets)
+    assert one.peak <= 78 * estimate.GIB and one.host_per_node + one.overhead <= 110 * estimate.GIB
+    assert more.peak > 78 * estimate.GIB or more.host_per_node + more.overhead > 110 * estimate.GIB
+    scale_8b.write_data(tmp_path / "pairs.jsonl", pairs=3, tokens=256)
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["prompt"]) >= 128 and r["chosen"] != r["rejected"] for r in rows)
