@@ -31,6 +31,9 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
   per layer and token plus one layer's full set while it is recomputed.
 - logits: T·V in the model dtype, and, for the scored tokens, the picked rows
   (d) and their fp32 copy (4) that ``aligner/logps.py`` keeps for backward.
+  An evaluation forward (``eval.batch_size`` pairs, no gradients) holds its
+  logits and picked rows; the peak is the larger of the training
+  forward/backward, the optimizer step and the evaluation forward.
 - a constant per-process overhead (framework, CUDA context or the Python
   process), stated in the output.
 
@@ -216,7 +219,8 @@ class Line:
     name: str
     bytes: float
     note: str = ""
-    #: ``held`` for the whole loop; ``fwd`` only during forward+backward; ``step`` only in the optimizer step.
+    #: ``held`` for the whole loop; ``fwd`` only during forward+backward; ``step`` only in the optimizer step;
+    #: ``eval`` only during an evaluation forward.
     phase: str = "held"
 
 
@@ -237,8 +241,8 @@ class Estimate:
     @property
     def steady_total(self) -> float:
         """Overhead + what is held + the larger of the forward/backward and optimizer-step transients."""
-        phase = {p: sum(line.bytes for line in self.steady if line.phase == p) for p in ("held", "fwd", "step")}
-        return self.overhead + phase["held"] + max(phase["fwd"], phase["step"])
+        phase = {p: sum(line.bytes for line in self.steady if line.phase == p) for p in ("held", "fwd", "step", "eval")}
+        return self.overhead + phase["held"] + max(phase["fwd"], phase["step"], phase["eval"])
 
     @property
     def prepass_total(self) -> float:
@@ -338,6 +342,11 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     logits = T * shape.vocab_size * (2 * d + 4)
     est.steady.append(Line("policy logits", logits, f"{T} x {shape.vocab_size} ({cfg.model.dtype} logits + picked rows + fp32 copy)", "fwd"))
 
+    if cfg.data.eval:
+        eval_T = 2 * cfg.eval.batch_size * L
+        est.steady.append(Line("eval forward (transient)", eval_T * (2 * shape.vocab_size * d + 3 * shape.intermediate_size * d)
+                               + min(eval_T, 1024) * shape.vocab_size * 4, f"{eval_T} tokens at eval.batch_size, no gradients", "eval"))
+
     # Frozen engines.
     frozen_shapes = frozen_shapes or {}
     for fm in est.frozen:
@@ -395,10 +404,10 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     out.append("")
     out.append(f"{'per rank, training':<34} {'GiB':>9}  note")
     for line in est.steady:
-        tag = {"held": "", "fwd": " [fwd/bwd]", "step": " [optimizer step]"}[line.phase]
+        tag = {"held": "", "fwd": " [fwd/bwd]", "step": " [optimizer step]", "eval": " [eval]"}[line.phase]
         out.append(f"  {line.name:<32} {line.bytes / GIB:9.3f}  {line.note}{tag}")
     out.append(f"  {'per-process overhead':<32} {est.overhead / GIB:9.3f}  constant (aligner.estimate.OVERHEAD_GIB['{est.device}'])")
-    out.append(f"  {'total':<32} {est.steady_total / GIB:9.3f}  held + max([fwd/bwd], [optimizer step])")
+    out.append(f"  {'total':<32} {est.steady_total / GIB:9.3f}  held + max([fwd/bwd], [optimizer step], [eval])")
     if est.prepass:
         out.append(f"{'per rank, static-cache pre-pass':<34}")
         for line in est.prepass:
