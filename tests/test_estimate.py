@@ -20,7 +20,10 @@ FIXTURES = "plugin_fixtures.memory"
 
 
 def cfg_and_plugins(config: str, plugins: str, *overrides: str):
-    return configure(argparse.Namespace(config=config, plugins=plugins, overrides=[list(overrides)] if overrides else []))
+    cfg, active = configure(argparse.Namespace(config=config, plugins=plugins, overrides=[list(overrides)] if overrides else []))
+    # Live frozen engines unless a test turns the static log-prob cache (train.cache_static_logps) on.
+    cfg.train.cache_static_logps = False
+    return cfg, active
 
 
 def test_llama3_8b_shape_counts_like_transformers_and_deepspeed():
