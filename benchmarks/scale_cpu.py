@@ -166,7 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where checkpoints and runs go (default: a temporary folder, removed after)")
     p.add_argument("--write", help="a RESULTS.md to write the table into (between the scale_cpu markers)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--rows-from", help="a file of rows this script printed (one JSON object a line, with --workdir): "
+                   "recompute the predictions with the current estimator instead of measuring again")
     args = p.parse_args(argv)
+    if args.rows_from:
+        rows = []
+        for line in Path(args.rows_from).read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            name = next(n for n, (plugins, _) in PLUGIN_SETS.items() if plugins.replace("plugin_fixtures.memory:", "") == row["plugins"])
+            config = Path(args.workdir) / f"{row['size']}-{name.replace(' ', '')}.yaml"
+            rows.append({**row, **predict(config, PLUGIN_SETS[name][0], row["ranks"])})
+        report(rows, args, argv)
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="scale-cpu-"))
     work.mkdir(parents=True, exist_ok=True)
