@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from aligner.data import Example, collate_pairs
+from aligner.data import Example, make_collate
 from aligner.hookspecs import Engines, StepInputs
 from aligner.step import gather_inputs, total_loss
 
@@ -33,13 +33,15 @@ def _shard_batches(examples: list[Example], batch_size: int, rank: int, world: i
 
 
 @torch.no_grad()
-def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, pad_token_id: int) -> StepInputs:
+def collect_inputs(engines: Engines, examples: list[Example], batch_size: int, pad_token_id: int,
+                   packing: bool = False, chunk_tokens: int = 0) -> StepInputs:
     """Log-probs of every example under every built model, gathered onto every rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     local: list[dict] = []
+    collate = make_collate(packing, pad_token_id)
     for batch_examples, n_real in _shard_batches(examples, batch_size, rank, world):
-        inputs = gather_inputs(collate_pairs(batch_examples, pad_token_id), engines)
+        inputs = gather_inputs(collate(batch_examples), engines, chunk_tokens)
         for i in range(n_real):
             local.append({
                 "id": inputs.example_ids[i],
@@ -76,7 +78,8 @@ def evaluate(plugins, engines: Engines, examples: list[Example], config, pad_tok
     """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from."""
     was_training = engines.policy.training
     engines.policy.eval()
-    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id)
+    inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, config.train.packing,
+                            config.train.logps_chunk_tokens)
     if was_training:
         engines.policy.train()
     with torch.no_grad():

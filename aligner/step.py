@@ -19,9 +19,12 @@ def split_pairs(values: torch.Tensor) -> SequenceLogps:
     return SequenceLogps(chosen=chosen, rejected=rejected)
 
 
-def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
-    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist."""
-    policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (2B,), (2B,)
+def gather_inputs(batch: dict, engines: Engines, chunk_tokens: int = 0) -> StepInputs:
+    """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
+
+    ``batch`` is padded or packed; ``chunk_tokens`` is ``train.logps_chunk_tokens`` (see aligner/logps.py).
+    """
+    policy_logps, n_tokens = batch_logps(engines.policy, batch, chunk_tokens)  # (2B,), (2B,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
@@ -31,7 +34,7 @@ def gather_inputs(batch: dict, engines: Engines) -> StepInputs:
             frozen[name] = frozen["reference"]  # same weights: one forward, not two
         else:
             with torch.no_grad():
-                frozen[name] = split_pairs(batch_logps(engine, batch)[0])
+                frozen[name] = split_pairs(batch_logps(engine, batch, chunk_tokens)[0])
     chosen_tokens, rejected_tokens = n_tokens.chunk(2)
     return StepInputs(
         policy=split_pairs(policy_logps),

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import checkpoint, models
+from aligner import checkpoint, models, perf
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import DataError, PairSampler, collate_pairs, load_rows, tokenize_dataset
+from aligner.data import DataError, PairSampler, load_rows, make_collate, tokenize_dataset
 from aligner.eval import evaluate
 from aligner.hookspecs import Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -159,7 +159,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
 
     engines = build_engines(cfg, plugins, policy_path)
     policy = engines.policy
-    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(policy, resume_from)
@@ -198,27 +198,27 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     if start_step == 0:
         run_eval(0)
     batches = iter(sampler)
+    collate = make_collate(cfg.train.packing, pad_id)
+    meter = perf.PerfMeter(engines, cfg.model.dtype)
     bar = progress_bar(cfg.train.max_steps, start_step, rank)
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         started = time.perf_counter()
         metrics = StepMetrics()
-        real_tokens = 0
         for _ in range(cfg.train.grad_accum):
-            batch = collate_pairs([train_set[i] for i in next(batches)], pad_id)
-            inputs = gather_inputs(batch, engines)
+            batch = collate([train_set[i] for i in next(batches)])
+            inputs = gather_inputs(batch, engines, cfg.train.logps_chunk_tokens)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
             policy.backward(loss)
             policy.step()
             metrics.add(step_metrics)
-            real_tokens += int(batch["attention_mask"].sum())
+            meter.count(batch)
         after = {}
         for _, result in plugins.call_each("aligner_after_optimizer_step", step=step, engines=engines, config=cfg):
             after.update(result or {})
         elapsed = time.perf_counter() - started
-        values = metrics.means()
-        values["perf/tokens_per_s"] = real_tokens / elapsed * world  # mean over ranks x ranks = whole job
-        values = reduce_mean(values)
+        values = reduce_mean(metrics.means())
+        values.update(meter.step_metrics(elapsed))
         values.update(after)
         values["lr"] = policy.get_lr()[0]
         values["grad_norm"] = float(policy.get_global_grad_norm() or 0.0)

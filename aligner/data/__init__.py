@@ -2,7 +2,9 @@
 
 from aligner.data.collate import collate_pairs
 from aligner.data.load import DataError, load_rows
+from aligner.data.packing import make_collate, pack_pairs, real_tokens
 from aligner.data.sampler import PairSampler
 from aligner.data.tokenize import Example, tokenize_dataset
 
-__all__ = ["DataError", "Example", "PairSampler", "collate_pairs", "load_rows", "tokenize_dataset"]
+__all__ = ["DataError", "Example", "PairSampler", "collate_pairs", "load_rows", "make_collate", "pack_pairs", "real_tokens",
+           "tokenize_dataset"]
