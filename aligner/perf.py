@@ -1,7 +1,7 @@
 """Speed and memory of the training steps: the ``perf/*`` TensorBoard tags.
 
 - ``perf/tokens_per_s``: real (non-pad) prompt+response tokens fed to the
-  policy per second of step time, summed over ranks (the whole job).
+  policy, summed over ranks, per second of the slowest rank's step time.
 - ``perf/step_time_s``: wall-clock seconds of the step, slowest rank.
 - ``perf/peak_mem_gib``: peak memory so far, the largest rank: GPU memory
   allocated by torch on GPU, the process's peak resident set size on CPU.
@@ -93,14 +93,15 @@ class PerfMeter:
 
     def step_metrics(self, elapsed: float) -> dict[str, float]:
         """The step's ``perf/*`` values over all ranks (a collective: every rank calls it), then reset."""
-        sums = torch.tensor([self.tokens / elapsed, self.flops / elapsed], dtype=torch.float64)
+        sums = torch.tensor([self.tokens, self.flops / elapsed], dtype=torch.float64)
         maxes = torch.tensor([elapsed, peak_mem_gib()], dtype=torch.float64)
         world = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             dist.all_reduce(sums)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        out = {"perf/tokens_per_s": float(sums[0]), "perf/step_time_s": float(maxes[0]),
+        # A step ends when its slowest rank does: the job's tokens over that time.
+        out = {"perf/tokens_per_s": float(sums[0] / maxes[0]), "perf/step_time_s": float(maxes[0]),
                "perf/peak_mem_gib": float(maxes[1])}
         if self.peak:
             out["perf/mfu"] = float(sums[1]) / (self.peak * world)
