@@ -113,6 +113,8 @@ def batch_logps(model, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor
     :returns: (summed response log-probs (2B,), scored tokens (2B,)), in the order
         ``[chosen..., rejected...]``.
     """
+    device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     input_ids, response_mask = batch["input_ids"], batch["response_mask"]
     targets_mask = response_mask[:, 1:]  # (N, T-1): position t predicts response token t+1
     if "sequence_ids" in batch:  # packed: one row, many sequences

@@ -78,7 +78,8 @@ class PerfMeter:
     def __init__(self, engines: Engines, dtype: str) -> None:
         config = getattr(engines.policy, "module", engines.policy).config
         self.n_params = matmul_params(engines.policy)
-        self.attn_per_token2 = config.num_hidden_layers * config.hidden_size  # n_layers * d_model
+        # n_layers * d_model for the attention term; 0 (no attention FLOPs counted) for configs without them
+        self.attn_per_token2 = getattr(config, "num_hidden_layers", 0) * getattr(config, "hidden_size", 0)
         frozen = {id(e) for e in (engines.reference, engines.anchor) if e is not None}
         self.n_frozen = len(frozen)  # the anchor shares the reference's forward when it is the same engine
         self.peak = peak_flops(dtype)
