@@ -3,6 +3,8 @@
 - ``perf/tokens_per_s``: real (non-pad) prompt+response tokens fed to the
   policy, summed over ranks, per second of the slowest rank's step time.
 - ``perf/step_time_s``: wall-clock seconds of the step, slowest rank.
+- ``perf/cpu_s``: CPU seconds (user + system) the step took, summed over
+  ranks; unlike wall time it barely moves when other jobs share the cores.
 - ``perf/peak_mem_gib``: peak memory so far, the largest rank: GPU memory
   allocated by torch on GPU, the process's peak resident set size on CPU.
 - ``perf/mfu`` (GPU only): useful model FLOPs per second over the device's
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import resource
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,6 +88,11 @@ class PerfMeter:
         self.peak = peak_flops(dtype)
         self.tokens = 0
         self.flops = 0.0
+        self.cpu_started = time.process_time()
+
+    def start(self) -> None:
+        """Mark the start of a step (for ``perf/cpu_s``)."""
+        self.cpu_started = time.process_time()
 
     def count(self, batch: dict) -> None:
         """Add one micro-batch (padded or packed) to the current step."""
@@ -94,7 +102,8 @@ class PerfMeter:
 
     def step_metrics(self, elapsed: float) -> dict[str, float]:
         """The step's ``perf/*`` values over all ranks (a collective: every rank calls it), then reset."""
-        sums = torch.tensor([self.tokens, self.flops / elapsed], dtype=torch.float64)
+        cpu = time.process_time() - self.cpu_started
+        sums = torch.tensor([self.tokens, self.flops / elapsed, cpu], dtype=torch.float64)
         maxes = torch.tensor([elapsed, peak_mem_gib()], dtype=torch.float64)
         world = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -103,7 +112,7 @@ class PerfMeter:
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
         # A step ends when its slowest rank does: the job's tokens over that time.
         out = {"perf/tokens_per_s": float(sums[0] / maxes[0]), "perf/step_time_s": float(maxes[0]),
-               "perf/peak_mem_gib": float(maxes[1])}
+               "perf/peak_mem_gib": float(maxes[1]), "perf/cpu_s": float(sums[2])}
         if self.peak:
             out["perf/mfu"] = float(sums[1]) / (self.peak * world)
         self.tokens, self.flops = 0, 0.0

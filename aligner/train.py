@@ -204,6 +204,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         started = time.perf_counter()
+        meter.start()
         metrics = StepMetrics()
         for _ in range(cfg.train.grad_accum):
             batch = collate([train_set[i] for i in next(batches)])

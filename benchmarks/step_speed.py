@@ -17,7 +17,9 @@ through a real launcher, one row after another:
 
 Real tok/s: the non-pad prompt+response tokens the policy processed over all ranks, divided by the
 slowest rank's step time, over the steps after ``--warmup`` (aligner reads ``perf/tokens_per_s`` and
-``perf/step_time_s`` back from TensorBoard). Peak memory: the largest rank's peak RSS on CPU, peak
+``perf/step_time_s`` back from TensorBoard). Real tok per CPU-s divides the same tokens by the CPU
+seconds all ranks spent in those steps (``perf/cpu_s``): on a machine shared with other jobs it moves
+far less than wall time does. Peak memory: the largest rank's peak RSS on CPU, peak
 allocated GPU memory on GPU. The table goes to stdout and, unless ``--smoke`` or ``--no-write``, into
 ``benchmarks/RESULTS.md`` between the ``step_speed`` markers, with the command that produced it.
 """
@@ -146,10 +148,10 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def summarize(step_time: list[float], tokens: list[float], losses: list[float], peak_gib: float, warmup: int,
-              mfu: list[float] | None = None) -> dict:
-    t, n = step_time[warmup:], tokens[warmup:]
-    out = {"tok_s": sum(n) / sum(t), "s_per_step": statistics.median(t), "peak_gib": peak_gib,
+def summarize(step_time: list[float], cpu_s: list[float], tokens: list[float], losses: list[float], peak_gib: float,
+              warmup: int, mfu: list[float] | None = None) -> dict:
+    t, c, n = step_time[warmup:], cpu_s[warmup:], tokens[warmup:]
+    out = {"tok_s": sum(n) / sum(t), "tok_cpu_s": sum(n) / sum(c), "s_per_step": statistics.median(t), "peak_gib": peak_gib,
            "loss1": losses[0], "losses": losses, "steps": len(step_time)}
     if mfu:
         out["mfu"] = statistics.mean(mfu[warmup:])
@@ -167,7 +169,8 @@ def run_aligner_row(args: argparse.Namespace, row: Row, work: Path, spec: worklo
     s = read_scalars(work / "runs" / row.name / "tensorboard")
     tok_s = [v for _, v in s["perf/tokens_per_s"]]
     step_time = [v for _, v in s["perf/step_time_s"]]
-    result = summarize(step_time, [a * b for a, b in zip(tok_s, step_time)], [v for _, v in s["train/loss"]],
+    result = summarize(step_time, [v for _, v in s["perf/cpu_s"]], [a * b for a, b in zip(tok_s, step_time)],
+                       [v for _, v in s["train/loss"]],
                        max(v for _, v in s["perf/peak_mem_gib"]), args.warmup,
                        [v for _, v in s["perf/mfu"]] if "perf/mfu" in s else None)
     result.update(row=row.name, note=row.note, wall_s=wall, output_dir=str(work / "runs" / row.name))
@@ -190,7 +193,8 @@ def run_trl_row(args: argparse.Namespace, work: Path, spec: workload.Workload) -
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"row trl failed (exit {proc.returncode}):\n{shlex.join(cmd)}\n{proc.stderr[-4000:]}")
     r = json.loads(out.read_text())
-    result = summarize(r["step_time_s"], r["tokens"], r["losses"], max(r["peak_mem_gib_per_rank"]), args.warmup)
+    result = summarize(r["step_time_s"], r["cpu_s"], r["tokens"], r["losses"], max(r["peak_mem_gib_per_rank"]),
+                       args.warmup)
     note = "TRL 1.16 DPOTrainer, ZeRO-3" + (", sync_ref_model every step (no FlipGuard in TRL)" if sync else "")
     result.update(row="trl", note=note, wall_s=wall)
     return result
@@ -200,19 +204,18 @@ def table(results: list[dict], skipped: dict[str, str], device: str) -> str:
     by = {r["row"]: r for r in results}
     trl, naive = by.get("trl"), by.get("naive")
     mem = "peak GPU GiB (max rank)" if device == "cuda" else "peak RSS GiB (max rank)"
-    cols = ["row", "what", "real tok/s", "s/step (median)", mem, "step-1 loss"]
+    cols = ["row", "what", "real tok/s", "real tok per CPU-s", "s/step (median)", mem, "step-1 loss"]
     if device == "cuda":
         cols.append("MFU")
-    cols += ["tok/s vs TRL", "memory vs TRL", "tok/s vs naive"]
+    cols += ["tok/s vs TRL", "tok/CPU-s vs TRL", "memory vs TRL", "tok/s vs naive", "tok/CPU-s vs naive"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
-        cells = [r["row"], r["note"], f"{r['tok_s']:.0f}", f"{r['s_per_step']:.2f}", f"{r['peak_gib']:.2f}",
-                 f"{r['loss1']:.4f}"]
+        cells = [r["row"], r["note"], f"{r['tok_s']:.0f}", f"{r['tok_cpu_s']:.0f}", f"{r['s_per_step']:.2f}",
+                 f"{r['peak_gib']:.2f}", f"{r['loss1']:.4f}"]
         if device == "cuda":
             cells.append(f"{r['mfu']:.1%}" if "mfu" in r else "–")
-        cells.append(f"{r['tok_s'] / trl['tok_s']:.2f}×" if trl else "–")
-        cells.append(f"{r['peak_gib'] / trl['peak_gib']:.2f}×" if trl else "–")
-        cells.append(f"{r['tok_s'] / naive['tok_s']:.2f}×" if naive else "–")
+        for base, keys in ((trl, ("tok_s", "tok_cpu_s", "peak_gib")), (naive, ("tok_s", "tok_cpu_s"))):
+            cells += [f"{r[k] / base[k]:.2f}×" if base else "–" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} |" + " |" * (len(cols) - 2))

@@ -2,7 +2,7 @@
 
 Launched by ``step_speed.py`` through ``torch.distributed.run`` (one process per rank). Needs the ``bench``
 extra (``pip install -e .[bench]``: trl 1.16). Writes one JSON: per step the slowest rank's time, the
-real (attention-mask) tokens of all ranks and the loss, and each rank's peak RSS.
+CPU seconds and real (attention-mask) tokens of all ranks and the loss, and each rank's peak RSS.
 
 TRL settings that differ from its defaults, to match aligner's rows: ``bf16`` only where the row is bf16,
 no gradient checkpointing, file-order batches (``train_sampling_strategy="sequential"``; aligner runs with
@@ -71,10 +71,11 @@ def main() -> None:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            steps.append({"begin": time.perf_counter(), "tokens": 0})
+            steps.append({"begin": time.perf_counter(), "cpu_begin": time.process_time(), "tokens": 0})
 
         def on_step_end(self, *_, **__):
             steps[-1]["end"] = time.perf_counter()
+            steps[-1]["cpu_s"] = time.process_time() - steps[-1]["cpu_begin"]
 
     class CountingDPOTrainer(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -105,7 +106,8 @@ def main() -> None:
     init_s = time.perf_counter() - started
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if not on_cpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    mine = {"durations": [s["end"] - s["begin"] for s in steps], "tokens": [s["tokens"] for s in steps],
+    mine = {"durations": [s["end"] - s["begin"] for s in steps], "cpu_s": [s["cpu_s"] for s in steps],
+            "tokens": [s["tokens"] for s in steps],
             "losses": [s.get("loss") for s in steps], "peak_mem_gib": peak / 2**30}
     ranks = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -116,6 +118,7 @@ def main() -> None:
         result = {
             "step_time_s": [max(r["durations"][i] for r in ranks) for i in range(n)],
             "tokens": [sum(r["tokens"][i] for r in ranks) for i in range(n)],
+            "cpu_s": [sum(r["cpu_s"][i] for r in ranks) for i in range(n)],
             "losses": ranks[0]["losses"][:n],
             "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in ranks],
             "init_s": init_s,

@@ -27,4 +27,5 @@ def test_peak_mem_is_the_host_rss_on_cpu_and_flops_count_real_tokens_only(random
             assert meter.tokens == 15 and math.isclose(meter.flops, want)
     out = meter.step_metrics(elapsed=0.5)
     assert out["perf/tokens_per_s"] == 30 and out["perf/step_time_s"] == 0.5 and out["perf/peak_mem_gib"] > 0
+    assert out["perf/cpu_s"] > 0
     assert "perf/mfu" not in out  # CPU: no peak FLOP/s to divide by
