@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from aligner.attention import varlen_kwargs
+from aligner.config import ConfigError
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -81,7 +82,13 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 def _scoring_head(model, score_mask: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
     """While active, the model's LM head maps hidden states (N, T, H) to the (M,) log-probs of ``targets``
     at the M positions of ``score_mask`` (N, T), instead of (N, T, V) logits."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    hf = getattr(model, "module", model)
+    for key in ("final_logit_softcapping", "logit_scale"):  # applied to the head's output after it returns
+        if getattr(hf.config, key, None) not in (None, 1, 1.0):
+            raise ConfigError(f"train.logps_chunk_tokens: this {type(hf).__name__} transforms its logits after the LM head "
+                             f"(config.{key}={getattr(hf.config, key)}), which chunked scoring would skip; "
+                             f"set train.logps_chunk_tokens=0 for this model")
+    head = hf.get_output_embeddings()
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         picked = hidden[score_mask]  # (M, H), row-major like ``targets``

@@ -72,3 +72,17 @@ def test_negative_chunk_size_is_a_config_error_naming_the_key():
         build_config({"train": {"logps_chunk_tokens": -1}})
     with pytest.raises(ConfigError, match=r"key 'train.packing' expects true or false"):
         build_config({"train": {"packing": "yes please"}})
+
+
+def test_chunked_scoring_refuses_a_model_that_rescales_its_logits(random_model_dir):
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from aligner.data import Example, collate_pairs
+    from aligner.logps import batch_logps
+
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
+    model.config.final_logit_softcapping = 30.0
+    batch = collate_pairs([Example("a", [5, 6], [8, 9], [10])], 0)
+    with pytest.raises(ValueError, match=r"config.final_logit_softcapping=30.0.*set train.logps_chunk_tokens=0"):
+        batch_logps(model, batch, chunk_tokens=4)
