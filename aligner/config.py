@@ -31,7 +31,8 @@ class ModelConfig:
     reference_path: str | None = None
     #: ``float32`` or ``bfloat16`` (training precision; bf16 uses DeepSpeed's fp32 master weights).
     dtype: str = "float32"
-    #: ``auto`` (flash_attention_2 if flash-attn is installed, else sdpa), ``sdpa``, ``eager``, ``flash_attention_2``.
+    #: ``auto`` (flash_attention_2 if flash-attn is installed on GPU; else, for packed GPU runs, PyTorch's
+    #: varlen kernel; else sdpa), ``sdpa``, ``eager``, ``flash_attention_2``, ``varlen`` (aligner/attention.py).
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
@@ -39,7 +40,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2", "varlen"))
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DataConfig:
     max_prompt_length: int | None = None
     #: ``error`` stops at the first bad row; ``skip`` drops bad rows and reports how many and why.
     on_bad_row: str = "error"
+    #: ``false`` takes the rows in file order (as TRL's ``train_sampling_strategy="sequential"``), e.g. for benchmarks.
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         _positive("data.max_length", self.max_length)
@@ -88,12 +91,17 @@ class TrainConfig:
     #: Compute the log-probs of models that never change (the anchor; the reference while no plugin moves it)
     #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/static_logps.py).
     cache_static_logps: bool = True
+    #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
+    packing: bool = False
+    #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
+    #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
+    logps_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
-        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"):
+        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))

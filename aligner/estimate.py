@@ -334,7 +334,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     B, L = cfg.train.micro_batch_size, cfg.data.max_length
     T = 2 * B * L  # chosen + rejected, padded to max_length (the worst case)
     per_layer = shape.activation_elems_per_token_layer() * T * d
-    attn = models.attn_implementation(cfg.model.attn_implementation)
+    attn = attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing)
     if attn == "eager":
         per_layer += 2 * shape.num_heads * L * L * 2 * B * d  # scores + probabilities
     if gradient_checkpointing(cfg):

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from aligner.data import Example, UnpairedExample, collate_batch
+from aligner.data import Example, UnpairedExample, make_collate
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
 from aligner.regression import likelihood_margins, preference_flips
 from aligner.step import gather_inputs, total_loss
@@ -36,20 +36,22 @@ def shard_batches(examples: list[Example], batch_size: int, rank: int, world: in
 @torch.no_grad()
 def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExample], batch_size: int,
                    pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None,
-                   static: dict | None = None) -> StepInputs:
+                   static: dict | None = None, packing: bool = False, chunk_tokens: int = 0) -> StepInputs:
     """Log-probs of every example under every built (or cached, ``static``) model, gathered onto every rank.
 
-    Works on paired and unpaired examples. With ``kl_pairs`` the mismatched-pair
-    log-probs of every eval batch (rows of real examples only) are gathered too.
+    Works on paired and unpaired examples, padded or packed (``packing``). With
+    ``kl_pairs`` the mismatched-pair log-probs of every eval batch (rows of real
+    examples only) are gathered too.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
     local: list[dict] = []
     local_kl: list[tuple[float, float]] = []
+    collate = make_collate(packing, pad_token_id, kl_pairs, max_length)
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
-        batch = collate_batch(batch_examples, pad_token_id, kl_pairs, max_length)
-        inputs = gather_inputs(batch, engines, static)
+        batch = collate(batch_examples)
+        inputs = gather_inputs(batch, engines, static, chunk_tokens)
         n_chosen = batch["n_chosen"]
         for row, index in enumerate(batch["row_index"]):
             if index >= n_real:
@@ -98,7 +100,7 @@ def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedE
     engines.policy.eval()
     kl_pairs = "kl_pairs" in plugins.required_inputs(config)
     inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length,
-                            static)
+                            static, config.train.packing, config.train.logps_chunk_tokens)
     if was_training:
         engines.policy.train()
     with torch.no_grad():

@@ -1,18 +1,38 @@
-"""Per-sequence log-probabilities of the response tokens.
+"""Per-sequence log-probabilities of the response tokens, padded or packed, naive or chunked.
 
-Only response positions are scored, and the fp32 log-softmax runs over chunks
-of those positions, so fp32 logits are never held for every token of the batch
-times the whole vocabulary at once.
+log π(y|x) = Σ_t log softmax(W h_t)[y_{t+1}] over the response tokens y_{t+1},
+h_t being the final hidden state at position t and W the LM head.
+
+Two ways to get there, one switch (``train.logps_chunk_tokens``):
+
+- ``0`` (the naive baseline): the model returns logits for every position of
+  the batch, (N, T, V) in the model's dtype; the response positions are picked
+  from them and turned into log-probs.
+- ``c > 0`` (chunked): the LM head's forward is swapped for one that scores
+  only the response positions, ``c`` tokens at a time: (c, V) fp32 logits →
+  logsumexp and the target's logit → discarded. Each chunk is checkpointed, so
+  the backward pass recomputes it instead of keeping it. The largest logits
+  tensor ever alive is (c, V). The swap happens inside the model's (DeepSpeed
+  engine's) own forward, so ZeRO-3 gathers the head's weight once for all
+  chunks and re-gathers it for the backward pass as for any layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from aligner.attention import varlen_kwargs
+from aligner.config import ConfigError
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(token | prefix) over each sequence's response tokens.
+    """Sum of log p(token | prefix) over each padded row's response tokens, from full logits (naive path).
 
     :param logits: (N, T, V) model outputs; position t predicts token t+1.
     :param input_ids: (N, T).
@@ -21,18 +41,104 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     """
     targets_mask = response_mask[:, 1:]  # (N, T-1): token t+1 is a response token
     rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), (M,)
-    picked = logits[:, :-1][rows, cols]  # (M, V) in the model's dtype
-    targets = input_ids[:, 1:][rows, cols]  # (M,)
-    token_logps = []
-    for chunk, target in zip(picked.split(chunk_size), targets.split(chunk_size)):
-        chunk = chunk.float()  # (c, V): the only fp32 copy, one chunk at a time
-        token_logps.append(chunk.gather(-1, target[:, None]).squeeze(-1) - chunk.logsumexp(-1))
-    flat = torch.cat(token_logps) if token_logps else logits.new_zeros(0, dtype=torch.float32)
+    flat = _picked_logps(logits[:, :-1][rows, cols], input_ids[:, 1:][rows, cols], chunk_size)  # (M,)
     summed = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, flat)
     return summed, targets_mask.sum(-1)
 
 
-def batch_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` (a DeepSpeed engine or an HF model) on a collated batch and score the responses."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
+def _picked_logps(picked: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """(M, V) logits in the model's dtype -> (M,) fp32 log-probs of ``targets``, converting chunk by chunk."""
+    out = []
+    for chunk, target in zip(picked.split(chunk_size), targets.split(chunk_size)):
+        chunk = chunk.float()  # (c, V): the only fp32 copy, one chunk at a time
+        out.append(chunk.gather(-1, target[:, None]).squeeze(-1) - chunk.logsumexp(-1))
+    return torch.cat(out) if out else picked.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """(c, H) hidden states -> (c,) fp32 log-probs of ``targets`` (c,) under the head (V, H)."""
+    logits = F.linear(hidden, weight, bias).float()  # (c, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """log softmax(W h)[target] for M tokens, ``chunk_tokens`` at a time: (M, H) -> (M,) fp32.
+
+    With gradients on, each chunk is checkpointed: its (c, V) logits are freed
+    after the forward and recomputed, one chunk at a time, in the backward pass.
+    """
+    out = []
+    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_chunk_logps, h, weight, bias, t, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(h, weight, bias, t))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@contextmanager
+def _scoring_head(model, score_mask: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
+    """While active, the model's LM head maps hidden states (N, T, H) to the (M,) log-probs of ``targets``
+    at the M positions of ``score_mask`` (N, T), instead of (N, T, V) logits."""
+    hf = getattr(model, "module", model)
+    for key in ("final_logit_softcapping", "logit_scale"):  # applied to the head's output after it returns
+        if getattr(hf.config, key, None) not in (None, 1, 1.0):
+            raise ConfigError(f"train.logps_chunk_tokens: this {type(hf).__name__} transforms its logits after the LM head "
+                             f"(config.{key}={getattr(hf.config, key)}), which chunked scoring would skip; "
+                             f"set train.logps_chunk_tokens=0 for this model")
+    head = hf.get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        picked = hidden[score_mask]  # (M, H), row-major like ``targets``
+        return chunked_token_logps(picked, head.weight, head.bias, targets, chunk_tokens)
+
+    head.forward = forward  # instance attribute: nn.Module.__call__ (and ZeRO-3's hooks around it) use it
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _model_inputs(model, batch: dict) -> dict:
+    """Forward kwargs: a padded batch passes its attention mask; a packed one passes restarting position ids
+    and no mask (transformers then masks per sequence), plus cu_seqlens for varlen kernels."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                **varlen_kwargs(model, batch)}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def batch_logps(model, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` (a DeepSpeed engine or an HF model) on a padded or packed batch and score the responses.
+
+    :param batch: from :func:`aligner.data.collate_pairs` (padded, (2B, T)) or
+        :func:`aligner.data.pack_pairs` (packed, (1, L), with ``sequence_ids``).
+    :param chunk_tokens: 0 for the naive full-logits path; else score only the
+        response positions, this many tokens at a time.
+    :returns: (summed response log-probs (2B,), scored tokens (2B,)), in the order
+        ``[chosen..., rejected...]``.
+    """
+    device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    input_ids, response_mask = batch["input_ids"], batch["response_mask"]
+    targets_mask = response_mask[:, 1:]  # (N, T-1): position t predicts response token t+1
+    if "sequence_ids" in batch:  # packed: one row, many sequences
+        owner = batch["sequence_ids"][:, 1:][targets_mask]  # (M,)
+        n_seqs = len(batch["cu_seqlens"]) - 1
+    else:
+        owner = targets_mask.nonzero(as_tuple=True)[0]  # (M,) row of each target
+        n_seqs = input_ids.shape[0]
+    if chunk_tokens:
+        score_mask = torch.zeros_like(response_mask)
+        score_mask[:, :-1] = targets_mask
+        targets = input_ids[:, 1:][targets_mask]  # (M,)
+        with _scoring_head(model, score_mask, targets, chunk_tokens):
+            token_logps = model(**_model_inputs(model, batch)).logits  # (M,) fp32
+    else:
+        logits = model(**_model_inputs(model, batch)).logits  # (N, T, V): every position, the model's dtype
+        token_logps = _picked_logps(logits[:, :-1][targets_mask], input_ids[:, 1:][targets_mask])  # (M,)
+    summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
+    counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
+    return summed, counts

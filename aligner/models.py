@@ -10,7 +10,6 @@ stale full copy.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from aligner import embedded
+from aligner import attention, embedded
 from aligner.config import RunConfig
 
 
@@ -75,14 +74,6 @@ def resolve_path(name_or_path: str, key: str) -> Path:
     return path
 
 
-def attn_implementation(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -110,7 +101,7 @@ def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch_dtype(dtype or cfg.model.dtype),
-        attn_implementation=attn_implementation(cfg.model.attn_implementation),
+        attn_implementation=attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=None,
     )

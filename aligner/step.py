@@ -19,19 +19,21 @@ def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLo
     return SequenceLogps(chosen=values[:n_chosen], rejected=values[n_chosen:])
 
 
-def gather_inputs(batch: dict, engines: Engines, static: dict | None = None) -> StepInputs:
+def gather_inputs(batch: dict, engines: Engines, static: dict | None = None, chunk_tokens: int = 0) -> StepInputs:
     """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
 
-    A batch from :func:`aligner.data.collate_batch` may be unpaired (``paired``
+    ``batch`` is padded (:func:`aligner.data.collate_batch`) or packed
+    (:func:`aligner.data.pack_pairs`). A padded batch may be unpaired (``paired``
     False, the first ``n_chosen`` rows desirable) and may carry ``kl``, the
     mismatched prompt/completion rows: those are scored by the policy and the
     reference without gradients.
 
     :param static: model name -> its cached log-probs for this batch's split (an
         :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
+    :param chunk_tokens: ``train.logps_chunk_tokens`` (see aligner/logps.py).
     """
     n_chosen = batch.get("n_chosen")
-    policy_logps, n_tokens = batch_logps(engines.policy, batch)  # (N,), (N,)
+    policy_logps, n_tokens = batch_logps(engines.policy, batch, chunk_tokens)  # (N,), (N,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
@@ -43,13 +45,13 @@ def gather_inputs(batch: dict, engines: Engines, static: dict | None = None) -> 
             frozen[name] = frozen["reference"]  # same weights: one forward, not two
         else:
             with torch.no_grad():
-                frozen[name] = split_pairs(batch_logps(engine, batch)[0], n_chosen)
+                frozen[name] = split_pairs(batch_logps(engine, batch, chunk_tokens)[0], n_chosen)
     kl_policy = kl_reference = None
     if "kl" in batch:
         with torch.no_grad():
-            kl_policy = batch_logps(engines.policy, batch["kl"])[0]  # (N,)
+            kl_policy = batch_logps(engines.policy, batch["kl"], chunk_tokens)[0]  # (N,)
             if engines.reference is not None:
-                kl_reference = batch_logps(engines.reference, batch["kl"])[0]
+                kl_reference = batch_logps(engines.reference, batch["kl"], chunk_tokens)[0]
     tokens = split_pairs(n_tokens, n_chosen)
     return StepInputs(
         policy=split_pairs(policy_logps, n_chosen),

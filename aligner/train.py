@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import checkpoint, models, static_logps
+from aligner import attention, checkpoint, models, perf, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import DataError, PairSampler, UnpairedExample, collate_batch, load_rows, tokenize_dataset
+from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -168,7 +168,7 @@ def cache_static_models(cfg: RunConfig, plugins: ActivePlugins, paths: dict[str,
     static = {n: p for n, p in paths.items() if n == "anchor" or not live_reference}
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
     return static_logps.prepare(
-        static, splits, cfg.output_dir, cfg.model.dtype, models.attn_implementation(cfg.model.attn_implementation),
+        static, splits, cfg.output_dir, cfg.model.dtype, attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
         cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf))
 
 
@@ -207,7 +207,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
         log.info("models built: %s%s", ", ".join(built), shared)
     kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
-    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(policy, resume_from)
@@ -251,27 +251,28 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     if start_step == 0:
         run_eval(0)
     batches = iter(sampler)
+    collate = make_collate(cfg.train.packing, pad_id, kl_pairs, cfg.data.max_length)
+    meter = perf.PerfMeter(engines, cfg.model.dtype)
     bar = progress_bar(cfg.train.max_steps, start_step, rank)
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         started = time.perf_counter()
+        meter.start()
         metrics = StepMetrics()
-        real_tokens = 0
         for _ in range(cfg.train.grad_accum):
-            batch = collate_batch([train_set[i] for i in next(batches)], pad_id, kl_pairs, cfg.data.max_length)
-            inputs = gather_inputs(batch, engines, train_static)
+            batch = collate([train_set[i] for i in next(batches)])
+            inputs = gather_inputs(batch, engines, train_static, cfg.train.logps_chunk_tokens)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
             policy.backward(loss)
             policy.step()
             metrics.add(step_metrics)
-            real_tokens += int(batch["attention_mask"].sum())
+            meter.count(batch)
         after = {}
         for _, result in plugins.call_each("aligner_after_optimizer_step", step=step, engines=engines, config=cfg):
             after.update(result or {})
         elapsed = time.perf_counter() - started
-        values = metrics.means()
-        values["perf/tokens_per_s"] = real_tokens / elapsed * world  # mean over ranks x ranks = whole job
-        values = reduce_mean(values)
+        values = reduce_mean(metrics.means())
+        values.update(meter.step_metrics(elapsed))
         values.update(after)
         values["lr"] = policy.get_lr()[0]
         values["grad_norm"] = float(policy.get_global_grad_norm() or 0.0)

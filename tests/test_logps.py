@@ -24,3 +24,65 @@ def test_chunked_response_logps_and_gradients_match_the_full_log_softmax():
     (g1,) = torch.autograd.grad(got.sum(), logits)
     (g2,) = torch.autograd.grad(want.sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_chunked_lm_head_logps_and_gradients_match_full_fp32_logits():
+    from aligner.logps import chunked_token_logps
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(11, 16, generator=g, requires_grad=True)  # (M, H)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)  # (V, H)
+    targets = torch.randint(0, 40, (11,), generator=g)
+    upstream = torch.randn(11, generator=g)
+    got = chunked_token_logps(hidden, weight, None, targets, chunk_tokens=4)  # chunks of 4, 4, 3
+    want = (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    g_got = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    g_want = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_chunked_path_never_materialises_all_positions_logits(random_model_dir):
+    """The model's head returns (M,) log-probs for the M response tokens, not (N, T, V) logits; same values."""
+    from transformers import AutoModelForCausalLM
+
+    from aligner.data import Example, collate_pairs
+    from aligner.logps import _scoring_head, batch_logps
+
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
+    batch = collate_pairs([Example("a", [5, 6, 7], [8, 9], [10]), Example("b", [5], [11, 12, 13], [14, 15])], 0)
+    targets_mask = batch["response_mask"][:, 1:]
+    score_mask = torch.zeros_like(batch["response_mask"])
+    score_mask[:, :-1] = targets_mask
+    with torch.no_grad(), _scoring_head(model, score_mask, batch["input_ids"][:, 1:][targets_mask], chunk_tokens=2):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    assert out.shape == (int(targets_mask.sum()),)
+    assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
+    with torch.no_grad():
+        assert torch.allclose(batch_logps(model, batch, 2)[0], batch_logps(model, batch, 0)[0], atol=1e-5)
+
+
+def test_negative_chunk_size_is_a_config_error_naming_the_key():
+    import pytest
+
+    from aligner.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"train.logps_chunk_tokens must be >= 0, got -1"):
+        build_config({"train": {"logps_chunk_tokens": -1}})
+    with pytest.raises(ConfigError, match=r"key 'train.packing' expects true or false"):
+        build_config({"train": {"packing": "yes please"}})
+
+
+def test_chunked_scoring_refuses_a_model_that_rescales_its_logits(random_model_dir):
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from aligner.data import Example, collate_pairs
+    from aligner.logps import batch_logps
+
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
+    model.config.final_logit_softcapping = 30.0
+    batch = collate_pairs([Example("a", [5, 6], [8, 9], [10])], 0)
+    with pytest.raises(ValueError, match=r"config.final_logit_softcapping=30.0.*set train.logps_chunk_tokens=0"):
+        batch_logps(model, batch, chunk_tokens=4)

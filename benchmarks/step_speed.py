@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Benchmark A/B: aligner's DPO step, fast-path switches off and on, beside TRL's DPOTrainer, in one run.
+
+    python benchmarks/step_speed.py --device cpu     # Benchmark A, the CPU yardstick (2 ranks, ZeRO-3, gloo)
+    python benchmarks/step_speed.py --device cuda    # Benchmark B, Llama-3.2-1B shapes, bf16, every visible GPU
+    python benchmarks/step_speed.py --smoke          # a tiny workload, 2 steps: does every row run?
+
+Every row runs the same model, rows and batches (file order, ``data.shuffle=false``; 4 pairs per rank)
+through a real launcher, one row after another:
+
+- ``naive``: padded batches, full logits (every fast-path switch off);
+- ``packing``: ``train.packing=true``;
+- ``chunked``: ``train.logps_chunk_tokens=1024``;
+- ``fast``: both, plus whatever ``--fast-set`` adds (e.g. ``train.cache_static_logps=true``);
+- ``trl``: TRL 1.16's DPOTrainer under DeepSpeed ZeRO-3 (``benchmarks/trl_peer.py``; the ``bench`` extra).
+  With ``--plugins`` holding a reference-update plugin, TRL runs with ``sync_ref_model`` every step.
+
+Real tok/s: the non-pad prompt+response tokens the policy processed over all ranks, divided by the
+slowest rank's step time, over the steps after ``--warmup`` (aligner reads ``perf/tokens_per_s`` and
+``perf/step_time_s`` back from TensorBoard). Real tok per CPU-s divides the same tokens by the CPU
+seconds all ranks spent in those steps (``perf/cpu_s``): on a machine shared with other jobs it moves
+far less than wall time does. Peak memory: the largest rank's peak RSS on CPU, peak
+allocated GPU memory on GPU. The table goes to stdout and, unless ``--smoke`` or ``--no-write``, into
+``benchmarks/RESULTS.md`` between the ``step_speed`` markers, with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import workload  # noqa: E402
+
+BEGIN, END = "<!-- step_speed:begin -->", "<!-- step_speed:end -->"
+CHUNK_TOKENS = 1024
+REFERENCE_UPDATERS = ("tr_soft", "tr_hard")
+
+
+@dataclass
+class Row:
+    name: str
+    sets: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+ALIGNER_ROWS = {
+    "naive": Row("naive", ["train.packing=false", "train.logps_chunk_tokens=0"], "padded, full logits"),
+    "packing": Row("packing", ["train.packing=true", "train.logps_chunk_tokens=0"], "packed, full logits"),
+    "chunked": Row("chunked", ["train.packing=false", f"train.logps_chunk_tokens={CHUNK_TOKENS}"], "padded, chunked"),
+    "fast": Row("fast", ["train.packing=true", f"train.logps_chunk_tokens={CHUNK_TOKENS}"], "packed + chunked"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny workload, 2 steps, results not written to RESULTS.md")
+    p.add_argument("--rows", default="naive,packing,chunked,fast,trl", help="comma-separated subset of "
+                   + ",".join([*ALIGNER_ROWS, "trl"]))
+    p.add_argument("--plugins", default="dpo", help="aligner's plugin set, e.g. dpo or dpo,tr_soft,flipguard")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 8; smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="first steps left out of the figures (default 2; smoke 0)")
+    p.add_argument("--nproc", type=int, default=None, help="ranks (default: 2 on CPU, every visible GPU on cuda)")
+    p.add_argument("--pairs", type=int, default=4, help="preference pairs per rank per step")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="aligner config override for every aligner row (repeatable)")
+    p.add_argument("--fast-set", dest="fast_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="aligner config override for the fast row only, e.g. train.cache_static_logps=true")
+    p.add_argument("--work", default=os.environ.get("BENCH_WORK", os.path.join(tempfile.gettempdir(), "aligner-bench")),
+                   help="workload and run folder (the shared make_workload.py's default, $BENCH_WORK)")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per row")
+    args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows if r not in ALIGNER_ROWS and r != "trl"]
+    if unknown:
+        p.error(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join([*ALIGNER_ROWS, 'trl'])}")
+    if args.smoke and args.device == "cuda":
+        p.error("--smoke runs on CPU only")
+    args.steps = args.steps or (2 if args.smoke else 8)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
+    if args.warmup >= args.steps:
+        p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    if args.nproc is None:
+        args.nproc = 2 if args.device == "cpu" else _gpu_count()
+    return args
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spec_for(args: argparse.Namespace) -> workload.Workload:
+    return workload.SMOKE if args.smoke else (workload.CUDA if args.device == "cuda" else workload.CPU)
+
+
+def run_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # one thread per rank, 2 ranks on the 2-core yardstick (as the shared peers)
+    return env
+
+
+def aligner_command(args: argparse.Namespace, row: Row, work: Path, spec: workload.Workload) -> list[str]:
+    out = work / "runs" / row.name
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    sets = [f"output_dir={out}", f"model.name_or_path={work / 'model'}", f"data.train={work / 'data' / 'prefs.jsonl'}",
+            "data.eval=null", f"data.max_length={spec.max_length}", "data.shuffle=false", f"model.dtype={dtype}",
+            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.pairs}", "train.lr=1e-6",
+            "train.lr_schedule=constant", "train.save_every=0", *row.sets, *args.sets]
+    if row.name == "fast":
+        sets += args.fast_sets
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    return [str(deepspeed), "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
+            str(ROOT / "launch" / "train.py"), "--plugins", args.plugins, "--overwrite", "--set", *sets]
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def summarize(step_time: list[float], cpu_s: list[float], tokens: list[float], losses: list[float], peak_gib: float,
+              warmup: int, mfu: list[float] | None = None) -> dict:
+    t, c, n = step_time[warmup:], cpu_s[warmup:], tokens[warmup:]
+    out = {"tok_s": sum(n) / sum(t), "tok_cpu_s": sum(n) / sum(c), "s_per_step": statistics.median(t), "peak_gib": peak_gib,
+           "loss1": losses[0], "losses": losses, "steps": len(step_time)}
+    if mfu:
+        out["mfu"] = statistics.mean(mfu[warmup:])
+    return out
+
+
+def run_aligner_row(args: argparse.Namespace, row: Row, work: Path, spec: workload.Workload) -> dict:
+    cmd = aligner_command(args, row, work, spec)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(args), capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"row {row.name} failed (exit {proc.returncode}):\n{shlex.join(cmd)}\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    s = read_scalars(work / "runs" / row.name / "tensorboard")
+    tok_s = [v for _, v in s["perf/tokens_per_s"]]
+    step_time = [v for _, v in s["perf/step_time_s"]]
+    result = summarize(step_time, [v for _, v in s["perf/cpu_s"]], [a * b for a, b in zip(tok_s, step_time)],
+                       [v for _, v in s["train/loss"]],
+                       max(v for _, v in s["perf/peak_mem_gib"]), args.warmup,
+                       [v for _, v in s["perf/mfu"]] if "perf/mfu" in s else None)
+    result.update(row=row.name, note=row.note, wall_s=wall, output_dir=str(work / "runs" / row.name))
+    return result
+
+
+def run_trl_row(args: argparse.Namespace, work: Path, spec: workload.Workload) -> dict:
+    out = work / "runs" / "trl" / "result.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    sync = any(p.strip() in REFERENCE_UPDATERS for p in args.plugins.split(","))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_port", str(free_port()), str(HERE / "trl_peer.py"), "--model", str(work / "model"),
+           "--data", str(work / "data" / "prefs.jsonl"), "--out", str(out), "--steps", str(args.steps),
+           "--pairs", str(args.pairs), "--max-length", str(spec.max_length),
+           "--dtype", "bfloat16" if args.device == "cuda" else "float32", *(["--sync-ref"] if sync else [])]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(args), capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"row trl failed (exit {proc.returncode}):\n{shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+    r = json.loads(out.read_text())
+    result = summarize(r["step_time_s"], r["cpu_s"], r["tokens"], r["losses"], max(r["peak_mem_gib_per_rank"]),
+                       args.warmup)
+    note = "TRL 1.16 DPOTrainer, ZeRO-3" + (", sync_ref_model every step (no FlipGuard in TRL)" if sync else "")
+    result.update(row="trl", note=note, wall_s=wall)
+    return result
+
+
+def table(results: list[dict], skipped: dict[str, str], device: str) -> str:
+    by = {r["row"]: r for r in results}
+    trl, naive = by.get("trl"), by.get("naive")
+    mem = "peak GPU GiB (max rank)" if device == "cuda" else "peak RSS GiB (max rank)"
+    cols = ["row", "what", "real tok/s", "real tok per CPU-s", "s/step (median)", mem, "step-1 loss"]
+    if device == "cuda":
+        cols.append("MFU")
+    cols += ["tok/s vs TRL", "tok/CPU-s vs TRL", "memory vs TRL", "tok/s vs naive", "tok/CPU-s vs naive"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = [r["row"], r["note"], f"{r['tok_s']:.0f}", f"{r['tok_cpu_s']:.0f}", f"{r['s_per_step']:.2f}",
+                 f"{r['peak_gib']:.2f}", f"{r['loss1']:.4f}"]
+        if device == "cuda":
+            cells.append(f"{r['mfu']:.1%}" if "mfu" in r else "–")
+        for base, keys in ((trl, ("tok_s", "tok_cpu_s", "peak_gib")), (naive, ("tok_s", "tok_cpu_s"))):
+            cells += [f"{r[k] / base[k]:.2f}×" if base else "–" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} |" + " |" * (len(cols) - 2))
+    return "\n".join(lines)
+
+
+def write_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = spec_for(args)
+    work = Path(args.work) / ("smoke" if args.smoke else "")
+    if args.device == "cuda" and not args.smoke:
+        work = Path(args.work) / "cuda"
+    print(f"workload {spec.name} under {work} ...", flush=True)
+    workload.ensure(spec, work)
+    results, skipped = [], {}
+    for name in args.rows:
+        if name == "trl" and importlib.util.find_spec("trl") is None:
+            skipped["trl"] = "TRL is not installed (pip install -e '.[bench]' installs trl 1.16)"
+            print("row trl skipped: TRL is not installed; `pip install -e '.[bench]'` adds it", flush=True)
+            continue
+        print(f"row {name} ...", flush=True)
+        result = run_trl_row(args, work, spec) if name == "trl" else run_aligner_row(args, ALIGNER_ROWS[name], work, spec)
+        print(f"row {name}: {result['tok_s']:.0f} real tok/s, {result['peak_gib']:.2f} GiB, "
+              f"step-1 loss {result['loss1']:.4f}, {result['wall_s']:.0f} s wall", flush=True)
+        results.append(result)
+    command = "python benchmarks/step_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    load = os.getloadavg()
+    header = (f"Command: `{command.strip()}`  \n"
+              f"Workload `{spec.name}` ({spec.pairs} pairs, max length {spec.max_length}), plugins `{args.plugins}`, "
+              f"{args.nproc} ranks × {args.pairs} pairs, {args.steps} steps per row, first {args.warmup} left out. "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+              f"load average {load[0]:.1f} at the end.")
+    section = header + "\n\n" + table(results, skipped, args.device)
+    print("\n" + section)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": results, "skipped": skipped, "ln2": math.log(2)}, indent=2))
+    if not (args.smoke or args.no_write):
+        write_results(Path(args.results), section)
+        print(f"\nwritten to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

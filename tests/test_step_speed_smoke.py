@@ -1,0 +1,76 @@
+"""benchmarks/step_speed.py --smoke: every row runs through the real launchers on a tiny workload.
+
+The aligner rows double as the fast path's end-to-end test: 2 ZeRO-3 ranks on CPU, the naive row
+(padded, full logits) and the fast row (packed, chunked log-probs, gradient checkpointing) give the
+same per-step losses, starting at ln 2, and both log the perf/* tags to TensorBoard.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_scalars
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--smoke", "--work", str(work),
+           "--rows", "naive,fast,trl", "--steps", str(STEPS), "--json", str(work / "rows.json"),
+           "--fast-set", "model.gradient_checkpointing=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((work / "rows.json").read_text())
+
+
+@pytest.mark.slow
+def test_fast_path_gives_the_naive_losses_from_ln2_and_logs_perf_tags(smoke):
+    _, result = smoke
+    rows = {r["row"]: r for r in result["rows"]}
+    naive, fast = (read_scalars(Path(rows[name]["output_dir"]) / "tensorboard") for name in ("naive", "fast"))
+    for scalars in (naive, fast):
+        assert abs(scalars["train/loss"][0][1] - math.log(2)) < 1e-5
+        assert [s for s, _ in scalars["perf/peak_mem_gib"]] == list(range(1, STEPS + 1))
+        assert all(0.05 < v < 64 for _, v in scalars["perf/peak_mem_gib"])  # GiB of host RSS, largest rank
+        assert all(v > 0 for _, v in scalars["perf/tokens_per_s"] + scalars["perf/cpu_s"])
+        assert "perf/mfu" not in scalars  # no MFU on CPU
+    for (_, a), (_, b) in zip(naive["train/loss"], fast["train/loss"], strict=True):
+        assert abs(a - b) < 1e-5
+    assert naive["train/loss"][1][1] != naive["train/loss"][0][1]  # the policy did move
+
+
+@pytest.mark.slow
+def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
+    stdout, result = smoke
+    names = [r["row"] for r in result["rows"]]
+    assert names[:2] == ["naive", "fast"] and "| naive | padded, full logits |" in stdout
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        assert result["skipped"] == {"trl": "TRL is not installed (pip install -e '.[bench]' installs trl 1.16)"}
+        assert "row trl skipped: TRL is not installed" in stdout
+    else:
+        trl_row = result["rows"][2]
+        assert trl_row["row"] == "trl" and abs(trl_row["loss1"] - math.log(2)) < 1e-4 and trl_row["tok_s"] > 0
+
+
+def test_unknown_row_is_a_clear_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--rows", "naive,turbo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, fast, trl" in proc.stderr
+
+
+def test_gpu_twin_parses_on_cpu():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_speed
+
+    args = step_speed.parse_args(["--device", "cuda", "--nproc", "1"])
+    assert step_speed.spec_for(args).hidden == 2048 and args.rows[-1] == "trl"
+    cmd = step_speed.aligner_command(args, step_speed.ALIGNER_ROWS["fast"], Path("/w"), step_speed.spec_for(args))
+    assert "model.dtype=bfloat16" in cmd and "train.packing=true" in cmd and "data.max_length=2048" in cmd
