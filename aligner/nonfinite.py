@@ -43,7 +43,7 @@ def grads_are_finite(engine) -> bool:
 
 
 def ids_on_all_ranks(ids: list[str]) -> list[str]:
-    """The example ids of this micro-batch on every rank, in rank order (collective)."""
+    """``ids`` of every rank, in rank order (collective): each rank passes the ids it has to report."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(ids)
     gathered: list[list[str] | None] = [None] * dist.get_world_size()

@@ -229,15 +229,15 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
             batch = collate_pairs([train_set[i] for i in next(batches)], pad_id)
             inputs = gather_inputs(batch, engines)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
-            step_ids += batch["ids"]
             if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
-                bad_ids = nonfinite.ids_on_all_ranks(batch["ids"])
+                bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch["ids"])
                 if cfg.train.on_nonfinite == "stop" or skipped >= MAX_SKIPPED_PER_STEP:
                     stop_nonfinite(step, "loss", bad_ids, resume_point)
                 skipped += 1
                 if rank == 0:
                     log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
                 continue
+            step_ids += batch["ids"]
             policy.backward(loss)
             if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(policy):
                 stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
