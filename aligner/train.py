@@ -206,7 +206,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
 
     def stop_nonfinite(step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
         """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
-        if not (out / "checkpoints" / f"step_{step - 1}").is_dir():
+        if not checkpoint.is_complete(checkpoint.checkpoint_root(out) / f"step_{step - 1}"):
             save(step - 1, *resume_point)
         raise nonfinite.NonFiniteError(
             f"non-finite {what} at step {step} (examples {', '.join(ids)}); saved checkpoint step_{step - 1} "

@@ -184,7 +184,7 @@ def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, tiny_tokeni
     from aligner import embedded, models
 
     embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(tmp_path)
-    with pytest.raises(models.ModelError, match=r"has no usable tokenizer .*tokenizer.save_pretrained"):
+    with pytest.raises(models.ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
         models.load_tokenizer(tmp_path)
 
 
