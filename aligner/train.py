@@ -136,9 +136,12 @@ def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> 
     return Engines(policy=policy, reference=reference, anchor=anchor)
 
 
-def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy) -> dict:
+def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_path: Path) -> dict:
     """What a checkpoint records of its run, and what a resume must match (see checkpoint.check_compatible)."""
-    return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(policy.module.config),
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
             "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage}
 
 
@@ -156,6 +159,9 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     if rank != 0:
         policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
     tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    meta = checkpoint_meta(cfg, plugins, world, policy_path)
+    if resume_from is not None:  # refuse a checkpoint of another run before building anything
+        checkpoint.check_compatible(resume_from, checkpoint.read_meta(resume_from), meta)
 
     train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})")
     eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})") if cfg.data.eval else []
@@ -168,9 +174,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     policy = engines.policy
     sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed)
     start_step = 0
-    meta = checkpoint_meta(cfg, plugins, world, policy)
     if resume_from is not None:
-        checkpoint.check_compatible(resume_from, checkpoint.read_meta(resume_from), meta)
         state = checkpoint.load(policy, resume_from)
         start_step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
