@@ -100,7 +100,7 @@ def test_a_dead_rank_ends_the_job_within_the_timeout_and_keeps_the_checkpoint(tm
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                               stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
     try:
-        assert procs[1].wait(timeout=240) == -signal.SIGKILL
+        assert procs[1].wait(timeout=240) == -signal.SIGKILL, (tmp_path / "rank1.log").read_text()[-3000:]
         died = time.monotonic()
         procs[0].wait(timeout=30 + 30)
         assert time.monotonic() - died < 30 + 30
