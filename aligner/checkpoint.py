@@ -1,14 +1,35 @@
-"""Save and restore DeepSpeed checkpoints, and export the policy in Hugging Face format.
+"""Save and restore checkpoints atomically, and export the policy in Hugging Face format.
 
-Checkpoints live under ``output_dir/checkpoints/step_<N>`` (DeepSpeed's own
-layout: ZeRO shards, optimizer and LR-scheduler state) with the run's own
-state (step, sampler position, plugin states, RNG) as DeepSpeed client state.
+Layout under ``output_dir/checkpoints``::
+
+    step_<N>/            a complete checkpoint (DeepSpeed's ZeRO shards, optimizer and
+                         LR-scheduler state, the run's client state, per-rank RNG files,
+                         plugins' per-rank folders, and ``aligner_checkpoint.json``)
+    latest               the tag of the newest complete checkpoint (DeepSpeed's format)
+    .tmp-step_<N>/       a save in progress; never read, removed by the next save
+
+A save is atomic: every rank writes into ``.tmp-step_<N>/step_<N>``, then rank 0
+writes ``aligner_checkpoint.json`` (the completion marker), renames the folder to
+``step_<N>`` (one atomic ``rename`` on a POSIX file system), and only then updates
+``latest`` and prunes old checkpoints (``train.keep_last``). A process killed at
+any point leaves the previous checkpoints as they were.
+
+Trust boundary: DeepSpeed reads its own ``*.pt`` files with
+``torch.load(weights_only=False)`` (deepspeed 0.19.8,
+``runtime/checkpoint_engine/torch_checkpoint_engine.py``), i.e. with pickle, so a
+checkpoint folder runs code when loaded: resume only from checkpoints that your own
+runs wrote. What aligner itself reads is JSON or ``torch.load(weights_only=True)``,
+and the JSON marker is checked before DeepSpeed opens any file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,52 +38,183 @@ import torch
 import torch.distributed as dist
 
 TAG = re.compile(r"^step_(\d+)$")
+MARKER = "aligner_checkpoint.json"
+LATEST = "latest"
+log = logging.getLogger("aligner")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not fit this run; the message says which and what to do."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def is_complete(folder: Path) -> bool:
+    return TAG.match(folder.name) is not None and (folder / MARKER).is_file()
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those DeepSpeed finished writing), oldest first."""
+    """Complete checkpoints (published with their marker), oldest first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := TAG.match(p.name))]
-    return [p for _, p in sorted(found) if any(p.iterdir())]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := TAG.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume auto`` takes: the newest complete one.
+
+    That is the one ``latest`` names, or a newer one when the process died
+    between publishing it and updating ``latest``.
+    """
+    found = list_checkpoints(output_dir)
+    pointer = checkpoint_root(output_dir) / LATEST
+    if found and pointer.is_file() and pointer.read_text().strip() != found[-1].name:
+        log.warning("%s names %s but %s is complete and newer; resuming from it", pointer, pointer.read_text().strip(), found[-1].name)
+    return found[-1] if found else None
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint: step, model, plugins, world size, architecture."""
+    if not folder.is_dir():
+        raise CheckpointError(f"--resume {folder}: no such checkpoint folder; use --resume auto or a checkpoints/step_<N> folder")
+    if not is_complete(folder):
+        raise CheckpointError(
+            f"--resume {folder}: not a complete aligner checkpoint (no {MARKER}: the save was interrupted, or the "
+            f"folder is not a checkpoints/step_<N> folder); use --resume auto to take the newest complete one"
+        )
+    return json.loads((folder / MARKER).read_text())
+
+
+def check_compatible(folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by a run with another model, plugin set, ZeRO layout or world size."""
+    fixes = {
+        "model": "resume with the same model.name_or_path, or start afresh with --overwrite",
+        "architecture": "this checkpoint holds another model's weights; resume with the model it was trained from",
+        "plugins": "resume with the same --plugins (their states are in the checkpoint), or start afresh with --overwrite",
+        "world_size": "resume with the same number of ranks (ZeRO shards are per rank)",
+        "zero_stage": "resume with the same train.zero_stage",
+    }
+    for key, fix in fixes.items():
+        if key in expected and meta.get(key) != expected[key]:
+            raise CheckpointError(
+                f"checkpoint {folder} was written with {key} = {meta.get(key)!r}, this run has {expected[key]!r}; {fix}"
+            )
+
+
+def architecture(model_config) -> dict[str, Any]:
+    """What must match for a checkpoint's shards to fit: the shape-defining keys of a Hugging Face model config."""
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+    return {k: getattr(model_config, k, None) for k in keys}
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every random generator a step may draw from: Python's, NumPy's, torch's CPU and accelerator ones."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so a rename cannot publish unwritten data."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
-         write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``checkpoints/step_<step>`` on every rank (a collective call).
+         write_extra: Callable[[Path], None] | None = None, meta: dict[str, Any] | None = None,
+         keep_last: int = 0, rng: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically on every rank (a collective call).
 
     ``write_extra(folder)`` runs on every rank after the engine's shards are
-    written, for per-rank state of plugins (``aligner_save_checkpoint``).
+    written, into the unpublished folder (``aligner_save_checkpoint``). ``meta``
+    goes into the marker (see :func:`check_compatible`). ``keep_last`` > 0
+    removes all but the newest ``keep_last`` checkpoints once the new one is published.
+    ``rng`` is this rank's RNG state to store (default: the current one).
     """
+    rank, world = _rank_world()
     root = checkpoint_root(output_dir)
-    engine.save_checkpoint(str(root), tag=f"step_{step}", client_state=client_state)
-    folder = root / f"step_{step}"
+    tag = f"step_{step}"
+    staging = root / f".tmp-{tag}"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        staging.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    folder = staging / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(rng or rng_state(), folder / f"rng_rank{rank}.pt")
     if write_extra is not None:
         write_extra(folder)
-    if dist.is_initialized():
-        dist.barrier()
-    return folder
+    _barrier()
+    if rank == 0:
+        _fsync_tree(folder)
+        marker = {"step": step, "world_size": world, **(meta or {})}
+        _write_atomically(folder / MARKER, json.dumps(marker, indent=2, sort_keys=True))
+        final = root / tag
+        if final.exists():  # an older save of the same step (a rerun after a stop): replace it
+            shutil.rmtree(final)
+        os.rename(folder, final)
+        _write_atomically(root / LATEST, tag)
+        shutil.rmtree(staging, ignore_errors=True)
+        if keep_last > 0:
+            for old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier()
+    return root / tag
 
 
 def load(engine, checkpoint_dir: Path) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) from a checkpoint folder; return its client state."""
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG from a checkpoint; return its client state."""
+    rank, _ = _rank_world()
     path, client_state = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
     if path is None:
-        raise ValueError(f"--resume: {checkpoint_dir} is not a readable DeepSpeed checkpoint")
+        raise CheckpointError(f"--resume: {checkpoint_dir} is not a readable DeepSpeed checkpoint")
+    rng_file = checkpoint_dir / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        client_state["rng"] = torch.load(rng_file, weights_only=True)
     return client_state
 
 

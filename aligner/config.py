@@ -96,12 +96,21 @@ class TrainConfig:
     #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
     #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
     logps_chunk_tokens: int = 0
+    #: Keep only the newest N checkpoints (0: keep all); older ones go only after the new one is published.
+    keep_last: int = 0
+    #: A NaN/inf loss or gradient: ``stop`` (save the last good step, name the step and examples) or ``skip``
+    #: (drop micro-batches whose loss is non-finite and draw the next ones).
+    on_nonfinite: str = "stop"
+    #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
+    dist_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
-        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens"):
+        _positive("train.dist_timeout_s", self.dist_timeout_s)
+        _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))

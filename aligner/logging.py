@@ -50,14 +50,20 @@ class StepMetrics:
 
 
 class TensorBoardLogger:
-    """Rank 0 writes scalars under ``output_dir/tensorboard``; other ranks do nothing."""
+    """Rank 0 writes scalars under ``output_dir/tensorboard``; other ranks do nothing.
 
-    def __init__(self, log_dir: Path, rank: int) -> None:
+    A resumed run adds a new event file to the same folder, starting with a
+    purge marker at ``purge_step`` (the first step after the checkpoint): TensorBoard
+    then hides what the interrupted run had logged from that step on, so each step
+    shows once, with the resumed run's values.
+    """
+
+    def __init__(self, log_dir: Path, rank: int, purge_step: int | None = None) -> None:
         self.writer = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

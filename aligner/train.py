@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, checkpoint, models, perf, static_logps
+from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
 from aligner.eval import evaluate
@@ -28,6 +28,8 @@ from aligner.registry import ActivePlugins, PluginError, PluginHookError, activa
 from aligner.step import gather_inputs, total_loss
 
 log = logging.getLogger("aligner")
+#: With ``train.on_nonfinite: skip``, a step that meets more non-finite micro-batches than this stops the run.
+MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
@@ -86,11 +88,10 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
-        return existing[-1] if existing else None
+        return checkpoint.latest_checkpoint(out)
     if args.resume:
         path = Path(args.resume)
-        if not path.is_dir():
-            raise RunError(f"--resume {args.resume}: no such checkpoint folder; use --resume auto or a folder under {out}/checkpoints")
+        checkpoint.read_meta(path)  # refuses a missing or half-written folder
         return path
     if existing and not args.overwrite:
         raise RunError(
@@ -172,8 +173,17 @@ def cache_static_models(cfg: RunConfig, plugins: ActivePlugins, paths: dict[str,
         cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf))
 
 
+def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_path: Path) -> dict:
+    """What a checkpoint records of its run, and what a resume must match (see checkpoint.check_compatible)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
+            "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage}
+
+
 def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
-    models.init_distributed()
+    models.init_distributed(cfg.train.dist_timeout_s)
     rank, world = rank_and_world()
     out = Path(cfg.output_dir)
     resume_from = prepare_output_dir(cfg, args, rank)
@@ -186,6 +196,9 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     if rank != 0:
         policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
     tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    meta = checkpoint_meta(cfg, plugins, world, policy_path)
+    if resume_from is not None:  # refuse a checkpoint of another run before building anything
+        checkpoint.check_compatible(resume_from, checkpoint.read_meta(resume_from), meta)
 
     train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
     eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
@@ -220,7 +233,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         if rank == 0:
             log.info("resumed from %s at step %d", resume_from, start_step)
 
-    tb = TensorBoardLogger(out / "tensorboard", rank)
+    tb = TensorBoardLogger(out / "tensorboard", rank, purge_step=start_step + 1)
     final_metrics: dict[str, float] = {}
 
     def run_eval(step: int) -> None:
@@ -241,12 +254,22 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
                         f.write(json.dumps({"id": example_id, "step": step, "label": i < len(inputs.policy.chosen),
                                             "completion": float(values[i])}) + "\n")
 
-    def save(step: int) -> None:
+    def save(step: int, sampler_state: dict | None = None, rng: dict | None = None) -> None:
         states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
-        client = {"step": step, "sampler": sampler.state_dict(), "plugins": states, "rng": checkpoint.rng_state(),
-                  "plugin_names": list(plugins.infos), "model": cfg.model.name_or_path}
+        client = {"step": step, "sampler": sampler_state or sampler.state_dict(), "plugins": states}
         checkpoint.save(policy, out, step, client, write_extra=lambda folder: plugins.call_each(
-            "aligner_save_checkpoint", directory=folder, engines=engines, config=cfg))
+            "aligner_save_checkpoint", directory=folder, engines=engines, config=cfg),
+            meta=meta, keep_last=cfg.train.keep_last, rng=rng)
+
+    def stop_nonfinite(step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
+        """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
+        if not checkpoint.is_complete(checkpoint.checkpoint_root(out) / f"step_{step - 1}"):
+            save(step - 1, *resume_point)
+        raise nonfinite.NonFiniteError(
+            f"non-finite {what} at step {step} (examples {', '.join(ids)}); saved checkpoint step_{step - 1} "
+            f"(the state before this step). Check those examples and the learning rate, then resume with "
+            f"--resume auto, or set train.on_nonfinite=skip to drop such micro-batches"
+        )
 
     if start_step == 0:
         run_eval(0)
@@ -259,12 +282,26 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         started = time.perf_counter()
         meter.start()
         metrics = StepMetrics()
-        for _ in range(cfg.train.grad_accum):
+        resume_point = (sampler.state_dict(), checkpoint.rng_state())  # for a stop before this step's update
+        skipped, step_ids, done = 0, [], 0
+        while done < cfg.train.grad_accum:
             batch = collate([train_set[i] for i in next(batches)])
             inputs = gather_inputs(batch, engines, train_static, cfg.train.logps_chunk_tokens)
             loss, step_metrics = total_loss(plugins, inputs, cfg)
+            if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
+                bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch["ids"])
+                if cfg.train.on_nonfinite == "stop" or skipped >= MAX_SKIPPED_PER_STEP:
+                    stop_nonfinite(step, "loss", bad_ids, resume_point)
+                skipped += 1
+                if rank == 0:
+                    log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
+                continue
+            step_ids += batch["ids"]
             policy.backward(loss)
+            if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(policy):
+                stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
             policy.step()
+            done += 1
             metrics.add(step_metrics)
             meter.count(batch)
         after = {}
@@ -275,6 +312,8 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         values.update(meter.step_metrics(elapsed))
         values.update(after)
         values["lr"] = policy.get_lr()[0]
+        if cfg.train.on_nonfinite == "skip":
+            values["train/nonfinite_skipped"] = float(skipped)
         values["grad_norm"] = float(policy.get_global_grad_norm() or 0.0)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             tb.log(step, values)
@@ -307,11 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg, plugins = configure(args)
         run(cfg, plugins, args)
     except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError,
-            static_logps.StaticCacheError) as exc:
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
+            static_logps.StaticCacheError, checkpoint.CheckpointError) as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"aligner: error: {exc}", file=sys.stderr)
         return 2
+    except nonfinite.NonFiniteError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"aligner: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

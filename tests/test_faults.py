@@ -1,0 +1,200 @@
+"""Faults injected through a test-only plugin (tests/plugin_fixtures/faults.py) into real 2-rank ZeRO-3 runs.
+
+Every run uses the same plugin set (dpo + faults), so checkpoints fit each other
+and the faults plugin adds nothing to the loss until a fault is due: the
+uninterrupted run is the reference for exact resume.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aligner import checkpoint
+from conftest import ROOT, free_port, launch, read_scalars
+
+PLUGINS = ["--plugins", "dpo,plugin_fixtures.faults:faults"]
+SHORT = ["train.max_steps=8", "train.save_every=3", "eval.every=0", "data.eval=null"]
+
+
+def run(out: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    args = [*PLUGINS, "--set", f"output_dir={out}", *SHORT, *overrides] + (["--resume", "auto"] if resume else [])
+    return launch(args)
+
+
+def tail(proc) -> str:
+    return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return read_scalars(out / "tensorboard")["train/loss"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run: 8 steps, checkpoints at 3 and 6 and the end, the newest 2 kept."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(out, "train.keep_last=2")
+    assert proc.returncode == 0, tail(proc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_in_save(tmp_path_factory) -> dict:
+    """Rank 1 is SIGKILLed while writing checkpoint step_6 (after the engine's shards, before publishing);
+    then ``--resume auto`` finishes the run."""
+    out = tmp_path_factory.mktemp("killed-in-save")
+    killed = run(out, "train.keep_last=1", "faults.kill_in_save_at=6")
+    after_kill = {"listed": [p.name for p in checkpoint.list_checkpoints(out)],
+                  "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "latest": (out / "checkpoints" / "latest").read_text(),
+                  "staged": sorted(p.name for p in (out / "checkpoints" / ".tmp-step_6" / "step_6").iterdir())}
+    resumed = run(out, "train.keep_last=1", resume=True)
+    return {"out": out, "killed": killed, "resumed": resumed, **after_kill}
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_the_previous_checkpoint_and_resume_auto_takes_it(killed_in_save):
+    assert killed_in_save["killed"].returncode != 0  # the launcher reports the dead rank
+    assert killed_in_save["listed"] == ["step_3"] and killed_in_save["latest"] == "step_3"
+    assert ".tmp-step_6" in killed_in_save["entries"] and "step_6" not in killed_in_save["entries"]
+    assert checkpoint.MARKER not in killed_in_save["staged"]  # the half-written save was never marked complete
+    resumed = killed_in_save["resumed"]
+    assert resumed.returncode == 0, tail(resumed)
+    assert "resumed from" in resumed.stderr and "step_3 at step 3" in resumed.stderr
+    # keep_last=1 pruned step_3 only once step_6 was complete; the staging folder is gone
+    assert sorted(p.name for p in (killed_in_save["out"] / "checkpoints").iterdir()) == ["latest", "step_8"]
+
+
+@pytest.mark.slow
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(reference, killed_in_save):
+    expected = losses(reference)
+    assert [s for s, _ in expected] == list(range(1, 9))
+    # The killed run logged steps 1-6; the resumed one purges 4-6 and logs 4-8: each step once.
+    assert len(list((killed_in_save["out"] / "tensorboard").iterdir())) == 2
+    assert losses(killed_in_save["out"]) == expected  # bitwise: CPU fp32
+
+
+@pytest.mark.slow
+def test_keep_last_keeps_the_newest_complete_checkpoints(reference):
+    assert [p.name for p in checkpoint.list_checkpoints(reference)] == ["step_6", "step_8"]
+    assert (reference / "checkpoints" / "latest").read_text() == "step_8"
+    meta = json.loads((reference / "checkpoints" / "step_8" / checkpoint.MARKER).read_text())
+    assert meta["plugins"] == ["dpo", "faults"] and meta["world_size"] == 2 and meta["step"] == 8
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_within_the_timeout_and_keeps_the_checkpoint(tmp_path):
+    """No launcher to clean up: two bare processes, rank 1 SIGKILLed after step 3; rank 0 must fail on its own."""
+    port = str(free_port())
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *PLUGINS, "--set", f"output_dir={tmp_path}", *SHORT,
+           "train.save_every=2", "faults.kill_at_step=3", "train.dist_timeout_s=30"]
+    logs = [(tmp_path / f"rank{r}.log").open("w") for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                              stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        assert procs[1].wait(timeout=240) == -signal.SIGKILL, (tmp_path / "rank1.log").read_text()[-3000:]
+        died = time.monotonic()
+        procs[0].wait(timeout=30 + 30)
+        assert time.monotonic() - died < 30 + 30
+    finally:
+        for p, f in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    assert procs[0].returncode != 0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_2"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_2"
+
+
+@pytest.fixture(scope="module")
+def nan_loss_stop(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Default train.on_nonfinite=stop; rank 1 alone gets a NaN loss at step 3."""
+    out = tmp_path_factory.mktemp("nan-stop")
+    return out, run(out, "train.save_every=0", "faults.nan_loss_at=3", "faults.nan_rank=1")
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_checkpoint_and_names_step_and_examples(nan_loss_stop):
+    out, proc = nan_loss_stop
+    assert proc.returncode != 0
+    line = re.search(r"aligner: stopped: (.*)", proc.stderr).group(1)  # after the progress bar's \r, on its line
+    assert "non-finite loss at step 3 (examples sort-train-" in line and "saved checkpoint step_2" in line
+    assert line.count("sort-train-") == 8  # the micro-batch of rank 1 only (micro_batch_size 8)
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step_2"]
+    assert [s for s, _ in losses(out)] == [1, 2]  # the bad step never reached the optimizer or TensorBoard
+
+
+@pytest.mark.slow
+def test_skip_drops_a_nan_loss_micro_batch_and_a_nan_gradient_still_stops(tmp_path):
+    """skip: rank 1's NaN loss at micro-batch 2 is dropped on both ranks (lock-step); micro-batch 5 (step 4)
+    has a finite loss but NaN gradients, which no skip can take back: the run stops before that update."""
+    proc = run(tmp_path, "train.on_nonfinite=skip", "faults.nan_loss_at=2", "faults.nan_rank=1", "faults.nan_grad_at=5")
+    assert proc.returncode != 0
+    assert "step 2: non-finite loss, micro-batch skipped (examples sort-train-" in proc.stderr
+    assert "non-finite gradient at step 4" in proc.stderr and "saved checkpoint step_3" in proc.stderr
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert dict(scalars["train/nonfinite_skipped"]) == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert all(v == v for _, v in scalars["train/loss"])  # no NaN logged
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_3"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_plugin_set_is_refused_before_loading(nan_loss_stop):
+    out, _ = nan_loss_stop
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--plugins", "dpo", "--set",
+                           f"output_dir={out}", *SHORT, "--resume", "auto"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2
+    assert "was written with plugins = ['dpo', 'faults'], this run has ['dpo']; resume with the same --plugins" in proc.stderr
+
+
+def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_4"
+    folder.mkdir(parents=True)
+    meta = {"model": "embedded:tiny-sort", "architecture": {"hidden_size": 64}, "plugins": ["dpo"], "world_size": 2}
+    (folder / checkpoint.MARKER).write_text(json.dumps(meta))
+    assert checkpoint.read_meta(folder) == meta
+    with pytest.raises(checkpoint.CheckpointError, match=r"model = 'embedded:tiny-sort', this run has 'my/model'"):
+        checkpoint.check_compatible(folder, meta, {**meta, "model": "my/model"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"architecture = \{'hidden_size': 64\}.*another model's weights"):
+        checkpoint.check_compatible(folder, meta, {**meta, "architecture": {"hidden_size": 128}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"world_size = 2, this run has 4; resume with the same number"):
+        checkpoint.check_compatible(folder, meta, {**meta, "world_size": 4})
+
+
+def test_resume_from_a_half_written_or_missing_folder_is_refused(tmp_path):
+    staged = tmp_path / "checkpoints" / ".tmp-step_6" / "step_6"
+    staged.mkdir(parents=True)
+    (staged / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a complete aligner checkpoint .*use --resume auto"):
+        checkpoint.read_meta(staged)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no such checkpoint folder"):
+        checkpoint.read_meta(tmp_path / "nowhere")
+    assert checkpoint.list_checkpoints(tmp_path) == [] and checkpoint.latest_checkpoint(tmp_path) is None
+
+
+def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, tiny_tokenizer):
+    from aligner import embedded, models
+
+    embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(tmp_path)
+    with pytest.raises(models.ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
+        models.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("train.on_nonfinite", "ignore", "train.on_nonfinite must be one of stop, skip"),
+    ("train.keep_last", "-1", "train.keep_last must be >= 0"),
+    ("train.dist_timeout_s", "0", "train.dist_timeout_s must be > 0"),
+])
+def test_fault_handling_keys_are_validated(key, value, problem):
+    from aligner.config import ConfigError, apply_overrides, build_config
+
+    with pytest.raises(ConfigError, match=problem):
+        build_config(apply_overrides({}, [f"{key}={value}"]))
