@@ -287,7 +287,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
         written, as resident memory does: the reduce bucket fills up to the number of gradient elements).
     :param frozen_shapes: shapes of frozen models loaded from other checkpoints, by path (default: the policy's).
     """
-    from aligner import models
+    from aligner import attention, models
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")

@@ -63,7 +63,7 @@ def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
 def test_unknown_row_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--rows", "naive,turbo"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, fast, trl" in proc.stderr
+    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, cached, fast, trl" in proc.stderr
 
 
 def test_gpu_twin_parses_on_cpu():

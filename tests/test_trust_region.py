@@ -14,7 +14,8 @@ from conftest import launch, read_scalars
 
 PROBE = "plugin_fixtures.tr_probe:tr_probe"
 SOFT_ALPHA = 0.01
-COMMON = ["--set", "data.eval=null", "train.save_every=0", "train.log_every=1"]
+# The probe reads the anchor engine itself, so the anchor is kept as an engine (no static log-prob cache).
+COMMON = ["--set", "data.eval=null", "train.save_every=0", "train.log_every=1", "train.cache_static_logps=false"]
 
 
 def _run(out, config: str, plugins: str, *sets: str, resume: bool = False):
@@ -156,7 +157,7 @@ def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_
     for path in (tmp_path / "checkpoints" / "step_7" / "tr_soft").glob("*.safetensors"):
         save_file(load_file(path), path, metadata={"world_size": "4", "rank": "0"})
     proc = launch(["--config", "configs/tiny-cpu-tr.yaml", *COMMON, f"output_dir={tmp_path}", "train.max_steps=8",
-                   "--resume", "auto"])
+                   f"tr_probe.dump_dir={tmp_path / 'probe'}", "--plugins", f"dpo,tr_soft,{PROBE}", "--resume", "auto"])
     assert proc.returncode == 2
     assert "reference_rank00000.safetensors was written by a run with 4 ranks and this run has 2" in proc.stderr
     assert "resume with 4 ranks" in proc.stderr
