@@ -13,6 +13,8 @@ import torch
 from conftest import launch, read_scalars
 
 PROBE = "plugin_fixtures.tr_probe:tr_probe"
+# The runs also compose the roles: TR-DPO with FlipGuard (soft), TR-IPO (hard).
+SOFT_PLUGINS = f"dpo,tr_soft,flipguard,{PROBE}"
 SOFT_ALPHA = 0.01
 # The probe reads the anchor engine itself, so the anchor is kept as an engine (no static log-prob cache).
 COMMON = ["--set", "data.eval=null", "train.save_every=0", "train.log_every=1", "train.cache_static_logps=false"]
@@ -29,8 +31,8 @@ def soft_run(tmp_path_factory):
     """tr_soft α=0.01, τ=2: 4 steps (checkpoint at 4), then resumed to 7 steps."""
     out = tmp_path_factory.mktemp("tr-soft")
     sets = [f"tr_soft.alpha={SOFT_ALPHA}", "tr_soft.every=2"]
-    _run(out, "configs/tiny-cpu-tr.yaml", f"dpo,tr_soft,{PROBE}", *sets, "train.max_steps=4")
-    _run(out, "configs/tiny-cpu-tr.yaml", f"dpo,tr_soft,{PROBE}", *sets, "train.max_steps=7", resume=True)
+    _run(out, "configs/tiny-cpu-tr.yaml", SOFT_PLUGINS, *sets, "train.max_steps=4")
+    _run(out, "configs/tiny-cpu-tr.yaml", SOFT_PLUGINS, *sets, "train.max_steps=7", resume=True)
     return out
 
 
@@ -38,7 +40,7 @@ def soft_run(tmp_path_factory):
 def hard_run(tmp_path_factory):
     """tr_hard τ=2, 5 steps."""
     out = tmp_path_factory.mktemp("tr-hard")
-    _run(out, "configs/tiny-cpu.yaml", f"dpo,tr_hard,{PROBE}", "tr_hard.every=2", "train.max_steps=5")
+    _run(out, "configs/tiny-cpu.yaml", f"ipo,tr_hard,{PROBE}", "tr_hard.every=2", "train.max_steps=5")
     return out
 
 
@@ -92,6 +94,7 @@ def test_soft_run_logs_updates_and_distance_to_tensorboard(soft_run):
     for step, value in scalars["tr/ref_policy_l2"]:
         assert value == pytest.approx(_relative_l2(dumps[step]["reference"], dumps[step]["policy"]), rel=1e-4)
     assert {"rewards/chosen", "rewards/margins", "train/loss"} <= set(scalars)
+    assert {"flipguard/flip_rate", "flipguard/constraint", "anchor/kl_estimate"} <= set(scalars)  # composed with flipguard
     assert (soft_run / "checkpoints" / "step_7" / "tr_soft" / "reference_rank00001.safetensors").is_file()
 
 
@@ -99,6 +102,8 @@ def test_soft_run_logs_updates_and_distance_to_tensorboard(soft_run):
 def test_hard_reference_equals_policy_at_each_update_and_holds_between(hard_run, initial_weights):
     dumps = _dumps(hard_run)
     assert sorted(dumps) == [1, 2, 3, 4, 5]
+    # TR-IPO: policy = reference at step 1, so IPO's loss is (1/(2β))² = 25 at β = 0.1.
+    assert read_scalars(hard_run / "tensorboard")["train/loss"][0][1] == pytest.approx(25.0, rel=1e-6)
     assert _max_diff(dumps[1]["reference"], initial_weights) == 0.0
     for step in (2, 4):
         assert _max_diff(dumps[step]["reference"], dumps[step]["policy"]) == 0.0
@@ -157,7 +162,7 @@ def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_
     for path in (tmp_path / "checkpoints" / "step_7" / "tr_soft").glob("*.safetensors"):
         save_file(load_file(path), path, metadata={"world_size": "4", "rank": "0"})
     proc = launch(["--config", "configs/tiny-cpu-tr.yaml", *COMMON, f"output_dir={tmp_path}", "train.max_steps=8",
-                   f"tr_probe.dump_dir={tmp_path / 'probe'}", "--plugins", f"dpo,tr_soft,{PROBE}", "--resume", "auto"])
+                   f"tr_probe.dump_dir={tmp_path / 'probe'}", "--plugins", SOFT_PLUGINS, "--resume", "auto"])
     assert proc.returncode == 2
     assert "reference_rank00000.safetensors was written by a run with 4 ranks and this run has 2" in proc.stderr
     assert "resume with 4 ranks" in proc.stderr
