@@ -89,6 +89,8 @@ def train(loss: str, method: str, seed: int, args: argparse.Namespace, out_dir: 
     plugins = loss if method == "none" else f"{loss},{method}"
     sets = [f"output_dir={out_dir}", f"train.max_steps={args.steps}", f"train.save_every={args.save_every}",
             f"train.seed={seed}", f"train.lr={args.lr}", "data.eval=null", "--overwrite"]
+    if args.smoke:  # 2 steps: a pre-pass over the whole train split would cost more than the steps themselves
+        sets.append("train.cache_static_logps=false")
     if loss == "dpo":
         sets.append(f"dpo.beta={args.beta}")
     if method == "tr_soft":
