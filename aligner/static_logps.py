@@ -180,7 +180,8 @@ def _check_digests(cache: StaticLogps, splits: dict[str, list[Example]], path: P
 
 
 @torch.no_grad()
-def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_token_id: int) -> dict:
+def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_token_id: int,
+             chunk_tokens: int = 0) -> dict:
     """This rank's share of ``examples`` through ``engine``, gathered onto every rank."""
     from aligner.eval import shard_batches
 
@@ -188,7 +189,7 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
     world = dist.get_world_size() if dist.is_initialized() else 1
     local = {}
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
-        logps, _ = batch_logps(engine, collate_pairs(batch_examples, pad_token_id))  # (2B,)
+        logps, _ = batch_logps(engine, collate_pairs(batch_examples, pad_token_id), chunk_tokens)  # (2B,)
         chosen, rejected = logps.float().cpu().chunk(2)
         for i, ex in enumerate(batch_examples[:n_real]):
             local[(split, ex.id)] = (float(chosen[i]), float(rejected[i]), example_digest(ex))
@@ -229,7 +230,8 @@ def _release(engine) -> weakref.ref:
 
 def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
             attn_implementation: str, batch_size: int, pad_token_id: int,
-            build_engine: Callable[[Path], object]) -> dict[str, StaticLogps]:
+            build_engine: Callable[[Path], object], train_batch_size: int | None = None,
+            chunk_tokens: int = 0) -> dict[str, StaticLogps]:
     """Make the cache of each static model complete for ``splits``; return it by model name.
 
     :param models: static model name (``reference``, ``anchor``) -> checkpoint folder. Models with the
@@ -238,6 +240,9 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
         so a model equal to the policy gives bitwise the policy's eval log-probs).
     :param build_engine: builds the model's (ZeRO-3 partitioned) inference engine; called only when some
         example is missing from the cache, and the engine is dropped before this returns.
+    :param train_batch_size: pairs per forward for the ``train`` split (``train.micro_batch_size``), so the
+        pre-pass needs no more memory than a training step; other splits use ``batch_size`` (the eval's).
+    :param chunk_tokens: ``train.logps_chunk_tokens``, as in the steps (aligner/logps.py).
 
     Collective: every rank calls it with the same arguments.
     """
@@ -265,7 +270,8 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
             engine = build_engine(model_path)
             for split, examples in missing.items():
                 if examples:
-                    cache.entries.update(_compute(engine, examples, split, batch_size, pad_token_id))
+                    size = train_batch_size if split == "train" and train_batch_size else batch_size
+                    cache.entries.update(_compute(engine, examples, split, size, pad_token_id, chunk_tokens))
             alive = _release(engine)
             del engine
             gc.collect()

@@ -170,7 +170,8 @@ def cache_static_models(cfg: RunConfig, plugins: ActivePlugins, paths: dict[str,
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
     return static_logps.prepare(
         static, splits, cfg.output_dir, cfg.model.dtype, attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
-        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf))
+        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
+        train_batch_size=cfg.train.micro_batch_size, chunk_tokens=cfg.train.logps_chunk_tokens)
 
 
 def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_path: Path) -> dict:
