@@ -36,7 +36,8 @@ def test_installed_package_is_listed_with_its_distribution(installed):
 def test_installed_plugin_trains_beside_dpo(installed, tmp_path):
     proc = launch(["--plugins", "dpo,nll_reg", "--set", f"output_dir={tmp_path}", "train.max_steps=3", "eval.every=0",
                    "train.save_every=0", "nll_reg.alpha=0.5",
-                   "train.cache_static_logps=false"]  # 3 steps: no pre-pass over the whole train split, env=installed)
+                   "train.cache_static_logps=false"],  # 3 steps: no pre-pass over the whole train split
+                  env=installed)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     scalars = read_scalars(tmp_path / "tensorboard")
     (step, nll), = scalars["nll_reg/nll"][:1]
