@@ -49,7 +49,7 @@ def test_fast_path_gives_the_naive_losses_from_ln2_and_logs_perf_tags(smoke):
 def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
     stdout, result = smoke
     names = [r["row"] for r in result["rows"]]
-    assert names[:2] == ["naive", "fast"] and "| naive | padded, full logits |" in stdout
+    assert names[:2] == ["naive", "fast"] and "| naive | padded, full logits, reference forward every step |" in stdout
     try:
         import trl  # noqa: F401
     except ImportError:
