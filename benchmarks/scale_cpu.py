@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # plugin_fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
+from results_md import free_port, write_section  # noqa: E402
 
 #: name -> (hidden, intermediate, layers, heads, kv heads); the byte-level embedded tokenizer (259 tokens).
 SIZES = {
@@ -43,7 +44,6 @@ PLUGIN_SETS = {
     "3 models": ("dpo,plugin_fixtures.memory:anchor_pull", True),
 }
 STEPS = 3
-BEGIN, END = "<!-- scale_cpu:begin -->", "<!-- scale_cpu:end -->"
 
 
 def write_checkpoint(path: Path, size: str, seed: int) -> None:
@@ -81,11 +81,6 @@ def write_config(path: Path, model: Path, reference: Path | None, data: Path, mi
               "  lr_schedule: constant", "  save_every: 0"]
     path.write_text("\n".join(lines) + "\n")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def predict(config: Path, plugins: str, ranks: int) -> dict:
@@ -129,14 +124,6 @@ def table(rows: list[dict], fitted: float) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, command: str, body: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{body}\n\nCommand: `{command}`\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -151,7 +138,7 @@ def report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -
     print(body, flush=True)
     if args.write:
         command = "python benchmarks/scale_cpu.py " + " ".join(f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
-        write_results(Path(args.write), command, body)
+        write_section(Path(args.write), "scale_cpu", f"{body}\n\nCommand: `{command}`")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,9 +45,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from results_md import free_port, write_section  # noqa: E402
 import workload  # noqa: E402
 
-BEGIN, END = "<!-- step_speed:begin -->", "<!-- step_speed:end -->"
 CHUNK_TOKENS = 1024
 REFERENCE_UPDATERS = ("tr_soft", "tr_hard")
 
@@ -116,11 +115,6 @@ def _gpu_count() -> int:
 
     return max(1, torch.cuda.device_count())
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spec_for(args: argparse.Namespace) -> workload.Workload:
@@ -230,15 +224,6 @@ def table(results: list[dict], skipped: dict[str, str], device: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": results, "skipped": skipped, "ln2": math.log(2)}, indent=2))
     if not (args.smoke or args.no_write):
-        write_results(Path(args.results), section)
+        write_section(Path(args.results), "step_speed", section)
         print(f"\nwritten to {args.results}")
     return 0
 

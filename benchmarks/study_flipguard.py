@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,9 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
+from results_md import free_port, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- study_flipguard:begin -->", "<!-- study_flipguard:end -->"
 METHODS = {"dpo": "dpo", "dpo+flipguard": "dpo,flipguard", "dpo+tr_soft+flipguard": "dpo,tr_soft,flipguard"}
 #: (csv column, path in launch/eval.py's json)
 METRICS = [
@@ -77,11 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds, args.steps, args.soft_every = 1, 2, 1
     return args
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], what: str) -> None:
@@ -154,15 +149,6 @@ def verdict(rows: list[dict], methods: list[str]) -> str:
     return " ".join(out)
 
 
-def write_results(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in current:
-        start, end = current.index(BEGIN), current.index(END) + len(END)
-        current = current[:start] + section + current[end:]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(current)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(found)
     command = "python benchmarks/study_flipguard.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.smoke:
-        write_results(
+        write_section(RESULTS, "study_flipguard",
             "## FlipGuard study: negative flips against the pre-aligned anchor (embedded sort task)\n\n"
             f"Command: `{command.strip()}` ({args.seeds} seeds, {args.steps} steps, configs/tiny-cpu.yaml lr, "
             f"flipguard ε={args.epsilon if args.epsilon is not None else 'default'} "

@@ -30,7 +30,6 @@ import csv
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
+from results_md import free_port, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -50,7 +51,6 @@ from aligner.logps import batch_logps  # noqa: E402
 from aligner.registry import available_plugins  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- study_tr:begin -->", "<!-- study_tr:end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,11 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.soft_every, args.hard_every = 1, 1  # so that both trust-region runs update (at step 1) within 2 steps
     return args
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(loss: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path) -> None:
@@ -266,15 +261,6 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def write_results(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in current:
-        start, end = current.index(BEGIN), current.index(END) + len(END)
-        current = current[:start] + section + current[end:]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(current)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print(found)
     command = "python benchmarks/study_tr.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.smoke:
-        write_results(
+        write_section(RESULTS, "study_tr",
             "## Trust-region study: gold reward against KL (embedded sort task)\n\n"
             f"Command: `{command.strip()}` ({args.seeds} seeds, {args.steps} steps, lr {args.lr}, β {args.beta}, "
             f"tr_soft α={args.alpha} τ={args.soft_every}, tr_hard τ={args.hard_every}; {args.prompts} held-out prompts; "

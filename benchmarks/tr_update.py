@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BEGIN, END = "<!-- tr_update:begin -->", "<!-- tr_update:end -->"
+sys.path.insert(0, str(HERE))  # results_md, beside this script
+from results_md import free_port, write_section  # noqa: E402
 
 # Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings).
 SHAPES = {
@@ -205,11 +205,6 @@ def worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _nproc(args: argparse.Namespace) -> int:
     if args.nproc:
@@ -223,7 +218,7 @@ def _nproc(args: argparse.Namespace) -> int:
 
 def launch(args: argparse.Namespace, argv: list[str], model_dir: Path, out: Path) -> None:
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(_nproc(args)), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+    cmd = [str(deepspeed), "--num_gpus", str(_nproc(args)), "--master_port", str(free_port()), str(Path(__file__).resolve()),
            *argv, "--worker", "--model-dir", str(model_dir), "--out", str(out)]
     env = dict(os.environ)
     if args.device == "cpu":
@@ -246,15 +241,6 @@ def table(result: dict) -> tuple[str, float]:
     return "\n".join(lines), ratio
 
 
-def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "90.7 ms gathering parameter by parameter (the way TRL syncs). The GPU row here "
             "(`python benchmarks/tr_update.py --device cuda`, Llama-3.2-1B shapes, bf16 policy) has not been run yet.",
         ])
-        write_results(args.results, section)
+        write_section(Path(args.results), "tr_update", section)
         print(f"written to {args.results}")
     return 0
 

@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: a free launcher port, and each script's own marked section of RESULTS.md."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the ``<!-- name:begin -->`` … ``<!-- name:end -->`` section of ``path``, or append it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    current = path.read_text() if path.is_file() else "# Benchmark results\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in current and end in current:
+        current = current[:current.index(begin)] + block + current[current.index(end) + len(end):]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    path.write_text(current)
