@@ -7,8 +7,9 @@ Registered under the name :data:`VARLEN` in transformers' ``AttentionInterface``
 - a packed batch (the forward got ``cu_seq_lens_q``/``max_length_q``): on GPU,
   ``torch.nn.attention.varlen.varlen_attn(q, k, v, cu, cu, max, max,
   window_size=(-1, 0))`` — causal attention inside each sequence, no padding and
-  no L×L mask; on CPU (no flash kernel) its twin, SDPA with the same
-  block-diagonal causal mask built from ``cu_seqlens``;
+  no L×L mask; on CPU (no varlen kernel) its twin, causal SDPA on each
+  sequence's slice of the row, bounds from ``cu_seqlens``: the same result as
+  SDPA with a block-diagonal causal mask, at Σ len_i² cost instead of L²;
 - anything else (padded batches, generation with a KV cache): transformers'
   own SDPA with its usual mask.
 
@@ -23,6 +24,7 @@ import importlib.util
 import inspect
 
 import torch
+import torch.nn.functional as F
 
 VARLEN = "aligner_varlen"
 #: attention implementations that read ``cu_seq_lens_*`` instead of a mask for packed batches
@@ -44,14 +46,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN}: a packed batch has one row, got query of shape {tuple(query.shape)}")
     if not query.is_cuda:
-        # CPU twin: the same attention pattern through SDPA with an explicit block-diagonal causal mask.
-        seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=query.device),
-                                      cu_seqlens.diff().to(query.device))  # (L,) sequence of each token
-        length = seq.shape[0]
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        mask = (seq[:, None] == seq[None, :]) & causal  # (L, L)
-        return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling,
-                                      is_causal=False, **kwargs)
+        return _per_sequence_sdpa(query, key, value, cu_seqlens.tolist(), scaling, dropout), None
     from torch.nn.attention.varlen import varlen_attn
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D), (L, Hkv, D)
@@ -61,6 +56,21 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=scaling,
                       window_size=(-1, 0), **extra)  # (L, H, D)
     return out[None], None
+
+
+def _per_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                       scaling: float | None, dropout: float) -> torch.Tensor:
+    """CPU twin of ``varlen_attn``: causal SDPA on each sequence's own slice, q (1, H, L, D) -> (1, L, H, D).
+
+    The same attention as SDPA over the whole row with a block-diagonal causal
+    mask, without computing the L×L blocks that mask would zero: the cost is
+    Σ len_i² instead of L², and no (L, L) mask is built.
+    """
+    gqa = query.shape[1] != key.shape[1]
+    out = [F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                          dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+           for start, end in zip(bounds[:-1], bounds[1:]) if end > start]  # each (1, H, len, D)
+    return torch.cat(out, dim=2).transpose(1, 2)
 
 
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -83,15 +93,15 @@ def register() -> str:
 
 
 def attn_implementation(requested: str, packing: bool) -> str:
-    """``auto``: flash-attn's kernel when installed on GPU, else PyTorch's varlen kernel for packed GPU runs,
-    else SDPA (packed CPU runs use SDPA's block-diagonal mask, built by transformers)."""
+    """``auto``: flash-attn's kernel when installed on GPU, else this module's varlen function for packed runs
+    (PyTorch's varlen kernel on GPU, per-sequence SDPA on CPU), else SDPA."""
     if requested == "varlen":
         return register()
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    if torch.cuda.is_available() and packing:
+    if packing:
         return register()
     return "sdpa"
 

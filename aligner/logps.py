@@ -10,8 +10,8 @@ Two ways to get there, one switch (``train.logps_chunk_tokens``):
   from them and turned into log-probs.
 - ``c > 0`` (chunked): the LM head's forward is swapped for one that scores
   only the response positions, ``c`` tokens at a time: (c, V) fp32 logits →
-  logsumexp and the target's logit → discarded. Each chunk is checkpointed, so
-  the backward pass recomputes it instead of keeping it. The largest logits
+  logsumexp and the target's logit → discarded. The backward pass recomputes
+  each chunk's logits instead of keeping them (:class:`_ChunkedHeadLogps`). The largest logits
   tensor ever alive is (c, V). The swap happens inside the model's (DeepSpeed
   engine's) own forward, so ZeRO-3 gathers the head's weight once for all
   chunks and re-gathers it for the backward pass as for any layer.
@@ -24,7 +24,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from aligner.attention import varlen_kwargs
 from aligner.config import ConfigError
@@ -55,27 +54,72 @@ def _picked_logps(picked: torch.Tensor, targets: torch.Tensor, chunk_size: int =
     return torch.cat(out) if out else picked.new_zeros(0, dtype=torch.float32)
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor) -> torch.Tensor:
-    """(c, H) hidden states -> (c,) fp32 log-probs of ``targets`` (c,) under the head (V, H)."""
-    logits = F.linear(hidden, weight, bias).float()  # (c, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log softmax(W h + b)[target] for M tokens, ``chunk`` at a time, with a hand-written backward.
+
+    Forward keeps only the (M,) log-sum-exp per token, never the logits. Backward
+    recomputes one chunk's logits z = W h + b (c, V) and turns them in place into
+    the gradient of Σ_t g_t·log p_t, g_t being the upstream gradient:
+
+        ∂/∂z = g ⊙ (onehot(target) − softmax(z)),  softmax(z) = exp(z − lse),
+
+    then ∂/∂h = (∂/∂z) W and ∂/∂W += (∂/∂z)ᵀ h (∂/∂b += Σ rows). Against autograd
+    through a checkpointed log-softmax this skips the second log-sum-exp, the
+    scatter of the gather's gradient and the sum of the two logits gradients:
+    one (c, V) buffer, reused, instead of four.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        out, lse = [], []
+        for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+            logits = F.linear(h, weight, bias).float()  # (c, V), a fresh buffer: the log-sum-exp works in place
+            picked = logits.gather(-1, t[:, None]).squeeze(-1)
+            top = logits.amax(-1, keepdim=True)  # (c, 1)
+            lse.append(logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1)))
+            out.append(picked - lse[-1])
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lse))
+        ctx.chunk = chunk
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            span = slice(start, start + ctx.chunk)
+            h, t, g = hidden[span], targets[span], grad_out[span].float()
+            dz = F.linear(h, weight, bias).float()  # (c, V) logits, recomputed ...
+            dz.sub_(lse[span, None]).exp_().mul_(-g[:, None])  # ... -> −g·softmax, in place
+            dz[torch.arange(len(t), device=t.device), t] += g  # + g·onehot(target)
+            dz = dz.to(hidden.dtype)
+            if want_h:
+                grad_h[span] = dz @ weight
+            if want_w:
+                if grad_w.dtype == dz.dtype:
+                    grad_w.addmm_(dz.T, h)
+                else:  # bf16/fp16 weights: the chunks' products are summed in fp32
+                    grad_w += dz.T @ h
+            if want_b:
+                grad_b += dz.float().sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None,
+                None, None)
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """log softmax(W h)[target] for M tokens, ``chunk_tokens`` at a time: (M, H) -> (M,) fp32.
 
-    With gradients on, each chunk is checkpointed: its (c, V) logits are freed
-    after the forward and recomputed, one chunk at a time, in the backward pass.
+    The largest logits tensor alive, forward or backward, is (chunk_tokens, V):
+    the backward pass recomputes each chunk's logits (:class:`_ChunkedHeadLogps`).
     """
-    out = []
-    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logps, h, weight, bias, t, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(h, weight, bias, t))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return _ChunkedHeadLogps.apply(hidden, weight, bias, targets, chunk_tokens)
 
 
 @contextmanager

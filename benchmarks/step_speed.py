@@ -15,7 +15,8 @@ through a real launcher, one row after another:
   from a one-time pre-pass before step 1, which the per-step figures leave out;
 - ``fast``: all three, plus whatever ``--fast-set`` adds;
 - ``trl``: TRL 1.16's DPOTrainer under DeepSpeed ZeRO-3 (``benchmarks/trl_peer.py``; the ``bench`` extra).
-  With ``--plugins`` holding a reference-update plugin, TRL runs with ``sync_ref_model`` every step.
+  With ``--plugins`` holding a reference-update plugin, TRL runs with ``sync_ref_model`` every step, and
+  aligner's rows update the reference every step too (``tr_soft.every=1``).
 
 Real tok/s: the non-pad prompt+response tokens the policy processed over all ranks, divided by the
 slowest rank's step time, over the steps after ``--warmup`` (aligner reads ``perf/tokens_per_s`` and
@@ -23,7 +24,8 @@ slowest rank's step time, over the steps after ``--warmup`` (aligner reads ``per
 seconds all ranks spent in those steps (``perf/cpu_s``): on a machine shared with other jobs it moves
 far less than wall time does. Peak memory: the largest rank's peak RSS on CPU, peak
 allocated GPU memory on GPU. The table goes to stdout and, unless ``--smoke`` or ``--no-write``, into
-``benchmarks/RESULTS.md`` between the ``step_speed`` markers, with the command that produced it.
+``benchmarks/RESULTS.md`` between the ``step_speed`` markers (``step_speed_<plugins>`` for another plugin set),
+with the command that produced it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ ALIGNER_ROWS = {
     "cached": Row("cached", ["train.packing=false", "train.logps_chunk_tokens=0", "train.cache_static_logps=true"],
                   "padded, full logits, reference log-probs cached (one pre-pass before step 1, not in the figures)"),
     "fast": Row("fast", ["train.packing=true", f"train.logps_chunk_tokens={CHUNK_TOKENS}", "train.cache_static_logps=true"],
-                "packed + chunked + cached reference log-probs (pre-pass not in the figures)"),
+                "packed + chunked + reference log-probs cached (pre-pass not in the figures)"),
 }
 
 
@@ -128,13 +130,19 @@ def run_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def update_every_step(plugins: str) -> list[str]:
+    """τ = 1 for a reference-update plugin, as the TRL row's ``ref_model_sync_steps=1``: both rows pay for an
+    update every step (``--set`` can still change it)."""
+    return [f"{name}.every=1" for name in REFERENCE_UPDATERS if name in [p.strip() for p in plugins.split(",")]]
+
+
 def aligner_command(args: argparse.Namespace, row: Row, work: Path, spec: workload.Workload) -> list[str]:
     out = work / "runs" / row.name
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     sets = [f"output_dir={out}", f"model.name_or_path={work / 'model'}", f"data.train={work / 'data' / 'prefs.jsonl'}",
             "data.eval=null", f"data.max_length={spec.max_length}", "data.shuffle=false", f"model.dtype={dtype}",
             f"train.max_steps={args.steps}", f"train.micro_batch_size={args.pairs}", "train.lr=1e-6",
-            "train.lr_schedule=constant", "train.save_every=0", *row.sets, *args.sets]
+            "train.lr_schedule=constant", "train.save_every=0", *row.sets, *update_every_step(args.plugins), *args.sets]
     if row.name == "fast":
         sets += args.fast_sets
     deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -160,6 +168,21 @@ def summarize(step_time: list[float], cpu_s: list[float], tokens: list[float], l
     return out
 
 
+def row_note(row: Row, plugins: str) -> str:
+    """The row's description for this plugin set: which frozen models run a forward every step, which are cached."""
+    names = {p.strip() for p in plugins.split(",")}
+    moving = bool(names & set(REFERENCE_UPDATERS))
+    frozen = ["reference"] + (["anchor"] if "flipguard" in names else [])
+    if row.name not in ("cached", "fast"):
+        every_step = ("reference and anchor forwards every step" if moving and len(frozen) > 1 else
+                      "reference forward every step" + (" (one engine, shared with the anchor)" if len(frozen) > 1 else ""))
+        return row.note.replace("reference forward every step", every_step)
+    cached = [m for m in frozen if m == "anchor" or not moving]
+    live = [m for m in frozen if m not in cached]
+    what = " and ".join(cached) + " log-probs cached" + (f", {' and '.join(live)} live (moved by the plugin)" if live else "")
+    return row.note.replace("reference log-probs cached", what)
+
+
 def run_aligner_row(args: argparse.Namespace, row: Row, work: Path, spec: workload.Workload) -> dict:
     cmd = aligner_command(args, row, work, spec)
     started = time.perf_counter()
@@ -175,7 +198,7 @@ def run_aligner_row(args: argparse.Namespace, row: Row, work: Path, spec: worklo
                        [v for _, v in s["train/loss"]],
                        max(v for _, v in s["perf/peak_mem_gib"]), args.warmup,
                        [v for _, v in s["perf/mfu"]] if "perf/mfu" in s else None)
-    result.update(row=row.name, note=row.note, wall_s=wall, output_dir=str(work / "runs" / row.name))
+    result.update(row=row.name, note=row_note(row, args.plugins), wall_s=wall, output_dir=str(work / "runs" / row.name))
     return result
 
 
@@ -226,6 +249,12 @@ def table(results: list[dict], skipped: dict[str, str], device: str) -> str:
 
 
 
+def section_name(plugins: str) -> str:
+    """RESULTS.md keeps one section per plugin set: ``step_speed`` for dpo, ``step_speed_dpo_tr_soft_flipguard`` etc."""
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    return "step_speed" if names == ["dpo"] else "step_speed_" + "_".join(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = spec_for(args)
@@ -251,13 +280,15 @@ def main(argv: list[str] | None = None) -> int:
               f"Workload `{spec.name}` ({spec.pairs} pairs, max length {spec.max_length}), plugins `{args.plugins}`, "
               f"{args.nproc} ranks × {args.pairs} pairs, {args.steps} steps per row, first {args.warmup} left out. "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-              f"load average {load[0]:.1f} at the end.")
+              f"load average {load[0]:.1f} at the end."
+              + (f" Reference updated every step in every row ({', '.join(update_every_step(args.plugins))}; "
+                 f"TRL: ref_model_sync_steps=1)." if update_every_step(args.plugins) else ""))
     section = header + "\n\n" + table(results, skipped, args.device)
     print("\n" + section)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": results, "skipped": skipped, "ln2": math.log(2)}, indent=2))
     if not (args.smoke or args.no_write):
-        write_section(Path(args.results), "step_speed", section)
+        write_section(Path(args.results), section_name(args.plugins), section)
         print(f"\nwritten to {args.results}")
     return 0
 

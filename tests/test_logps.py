@@ -86,3 +86,32 @@ def test_chunked_scoring_refuses_a_model_that_rescales_its_logits(random_model_d
     batch = collate_pairs([Example("a", [5, 6], [8, 9], [10])], 0)
     with pytest.raises(ValueError, match=r"config.final_logit_softcapping=30.0.*set train.logps_chunk_tokens=0"):
         batch_logps(model, batch, chunk_tokens=4)
+
+
+def test_chunked_lm_head_with_bias_and_bf16_weights_matches_autograd():
+    """The hand-written backward (aligner/logps.py:_ChunkedHeadLogps) with a bias, a frozen input, and bf16."""
+    from aligner.logps import chunked_token_logps
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (9,), generator=g)
+    upstream = torch.randn(9, generator=g)
+    got = chunked_token_logps(hidden, weight, bias, targets, chunk_tokens=4)
+    want = (hidden @ weight.T + bias).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight, bias))
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias)), want_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    (only_weight,) = torch.autograd.grad(  # no gradient asked for the hidden states or the bias
+        (chunked_token_logps(hidden.detach(), weight, bias.detach(), targets, 4) * upstream).sum(), weight)
+    assert torch.allclose(only_weight, want_grads[1], atol=1e-5)
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    got16 = chunked_token_logps(h16, w16, None, targets, chunk_tokens=4)
+    gh, gw = torch.autograd.grad((got16 * upstream).sum(), (h16, w16))
+    assert got16.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
+    want_h, want_w = torch.autograd.grad(
+        ((h16.float() @ w16.float().T).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1) * upstream).sum(), (h16, w16))
+    assert torch.allclose(got16, (h16.float() @ w16.float().T).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1), atol=0.1)
+    assert torch.allclose(gh.float(), want_h.float(), atol=0.1, rtol=0.05) and torch.allclose(gw.float(), want_w.float(), atol=0.1, rtol=0.05)

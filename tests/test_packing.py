@@ -59,20 +59,23 @@ def test_packed_logps_equal_padded_logps_and_use_cache_would_leak_across_sequenc
     assert (leaky - sealed).abs().max() > 1e-2
 
 
-def test_packed_chunked_gradients_equal_padded_naive_gradients(random_model_dir, examples):
+@pytest.mark.parametrize("packed_attention", ["sdpa", attention.VARLEN])
+def test_packed_chunked_gradients_equal_padded_naive_gradients(random_model_dir, examples, packed_attention):
+    """sdpa: transformers' block-diagonal mask; aligner_varlen: the per-sequence CPU twin that packed runs use."""
     from transformers import AutoModelForCausalLM
 
+    attention.register()
     model = AutoModelForCausalLM.from_pretrained(random_model_dir, attn_implementation="sdpa")
+    packed_model = AutoModelForCausalLM.from_pretrained(random_model_dir, attn_implementation=packed_attention)
     weights = torch.linspace(-1, 1, 2 * len(examples))
 
-    def grads(batch, chunk_tokens):
-        model.zero_grad()
-        logps, _ = batch_logps(model, batch, chunk_tokens)
+    def grads(m, batch, chunk_tokens):
+        logps, _ = batch_logps(m, batch, chunk_tokens)
         (logps * weights).sum().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
 
-    want = grads(collate_pairs(examples, 0), 0)
-    got = grads(pack_pairs(examples), 7)
+    want = grads(model, collate_pairs(examples, 0), 0)
+    got = grads(packed_model, pack_pairs(examples), 7)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
 
 
@@ -96,9 +99,10 @@ def test_varlen_attention_cpu_twin_matches_padded_sdpa_and_reads_cu_seqlens(rand
     assert (wrong - right).abs().max() > 1e-2  # the boundaries come from cu_seqlens
 
 
-def test_attn_implementation_auto_picks_sdpa_on_cpu_and_varlen_by_name():
-    assert attention.attn_implementation("auto", packing=True) == ("sdpa" if not torch.cuda.is_available() else
-                                                                   attention.attn_implementation("auto", True))
+def test_attn_implementation_auto_picks_varlen_for_packed_cpu_runs_and_sdpa_for_padded_ones():
+    if not torch.cuda.is_available():
+        assert attention.attn_implementation("auto", packing=True) == attention.VARLEN
+        assert attention.attn_implementation("auto", packing=False) == "sdpa"
     assert attention.attn_implementation("varlen", packing=False) == attention.VARLEN
     assert attention.attn_implementation("eager", packing=True) == "eager"
 

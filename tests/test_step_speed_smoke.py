@@ -74,3 +74,44 @@ def test_gpu_twin_parses_on_cpu():
     assert step_speed.spec_for(args).hidden == 2048 and args.rows[-1] == "trl"
     cmd = step_speed.aligner_command(args, step_speed.ALIGNER_ROWS["fast"], Path("/w"), step_speed.spec_for(args))
     assert "model.dtype=bfloat16" in cmd and "train.packing=true" in cmd and "data.max_length=2048" in cmd
+
+
+def test_rows_describe_their_plugin_set_and_update_the_reference_as_often_as_trl():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_speed
+
+    rows, tr = step_speed.ALIGNER_ROWS, "dpo,tr_soft,flipguard"
+    assert step_speed.row_note(rows["naive"], "dpo") == "padded, full logits, reference forward every step"
+    assert "reference and anchor forwards every step" in step_speed.row_note(rows["naive"], tr)
+    assert "shared with the anchor" in step_speed.row_note(rows["naive"], "dpo,flipguard")
+    assert "anchor log-probs cached, reference live" in step_speed.row_note(rows["fast"], tr)
+    assert step_speed.update_every_step(tr) == ["tr_soft.every=1"] and step_speed.update_every_step("dpo") == []
+    args = step_speed.parse_args(["--plugins", tr])
+    assert "tr_soft.every=1" in step_speed.aligner_command(args, rows["fast"], Path("/w"), step_speed.spec_for(args))
+    assert step_speed.section_name("dpo") == "step_speed"
+    assert step_speed.section_name(tr) == "step_speed_dpo_tr_soft_flipguard"
+
+
+def test_profile_plugin_records_a_window_of_steps_and_profile_step_sorts_ops_into_terms(tmp_path):
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_plugin
+    import profile_step
+
+    section = profile_plugin.ProfileConfig(start=1, steps=2)
+    config = types.SimpleNamespace(output_dir=str(tmp_path), section=lambda name: section)
+    plugin = profile_plugin.Profiler()
+    a = torch.randn(64, 64)
+    for step in range(1, 5):
+        if step == 2:  # inside the window (after step 1, up to step 3)
+            torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None])
+            (a @ a).exp().sum()
+        plugin.aligner_after_optimizer_step(step=step, engines=None, config=config)
+    rows = json.loads((tmp_path / "profile" / "rank0.json").read_text())["rows"]
+    terms = profile_step.split_terms(rows)
+    assert terms["matmul"] > 0 and terms["attention"] > 0 and terms["elementwise"] > 0
+    assert profile_step.term_of("aten::addmm_") == "matmul" and profile_step.term_of("aten::copy_") == "copies"
+    assert profile_step.term_of("LinearFunctionForZeroStage3Backward") == "other"
