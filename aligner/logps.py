@@ -88,7 +88,8 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        # In the weight's dtype, as autograd would accumulate it: an fp32 (V, H) buffer would add 2 GiB at 8B scale.
+        grad_w = torch.zeros_like(weight) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             span = slice(start, start + ctx.chunk)
@@ -100,14 +101,10 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             if want_h:
                 grad_h[span] = dz @ weight
             if want_w:
-                if grad_w.dtype == dz.dtype:
-                    grad_w.addmm_(dz.T, h)
-                else:  # bf16/fp16 weights: the chunks' products are summed in fp32
-                    grad_w += dz.T @ h
+                grad_w.addmm_(dz.T.to(weight.dtype), h.to(weight.dtype))
             if want_b:
                 grad_b += dz.float().sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None,
-                None, None)
+        return grad_h, grad_w, grad_b.to(bias.dtype) if want_b else None, None, None
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
