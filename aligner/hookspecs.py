@@ -20,6 +20,12 @@ saved once), or :func:`aligner_save_checkpoint` and
 :func:`aligner_load_checkpoint` (state that lives in every rank's shards, such
 as a moved reference model).
 
+Hooks that every plugin answers (constraints, ``aligner_after_optimizer_step``,
+the checkpoint hooks) run in ``--plugins`` order; mark an implementation
+``@hookimpl(tryfirst=True)`` or ``@hookimpl(trylast=True)`` to run it before
+or after all others (a plugin that logs the reference after a trust-region
+update uses ``trylast``).
+
 Built-in plugins are registered through the same entry-point group
 (``aligner.plugins``) as third-party ones.
 """

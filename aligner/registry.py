@@ -160,9 +160,14 @@ class ActivePlugins:
         return needed
 
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call one hook on each plugin that implements it, returning (plugin name, result) pairs."""
+        """Call one hook on each plugin that implements it, returning (plugin name, result) pairs.
+
+        Order: implementations marked ``tryfirst`` first, then unmarked ones in the
+        order the plugins were activated (``--plugins`` order), then ``trylast``.
+        """
         results = []
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # pluggy's list: trylast, plain, tryfirst
+        for impl in sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1):
             with hook_errors(self, hook_name):
                 results.append((impl.plugin_name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
         return results

@@ -73,3 +73,13 @@ def test_required_models_is_the_union_over_plugins():
     active = activate(["dpo", "plugin_fixtures.extra:chosen_nll"])
     assert active.required_models(None) == {"reference"}
     assert isinstance(LossOutput(torch.zeros(())).metrics, dict)
+
+
+def test_call_each_runs_tryfirst_then_plugins_order_then_trylast():
+    from plugin_fixtures import extra
+
+    names = ["last_probe", "plain_a", "first_probe", "plain_b"]
+    active = activate(["dpo", *(f"plugin_fixtures.extra:{n}" for n in names)])
+    extra.order_calls.clear()
+    called = [name for name, _ in active.call_each("aligner_constraint", inputs=None, config=None)]
+    assert called == extra.order_calls == ["first_probe", "plain_a", "plain_b", "last_probe"]

@@ -70,3 +70,47 @@ class OldApi:
 
 
 old_api = OldApi()
+
+
+order_calls: list = []
+
+
+class _OrderProbe:
+    """A constraint that records the order it was called in."""
+
+    name = ""
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name=self.name, role="constraint", summary="records its call order")
+
+    def record(self):
+        order_calls.append(self.name)
+
+
+class PlainProbe(_OrderProbe):
+    def __init__(self, name):
+        self.name = name
+
+    @hookimpl
+    def aligner_constraint(self, inputs, config):
+        self.record()
+
+
+class LastProbe(_OrderProbe):
+    name = "last_probe"
+
+    @hookimpl(trylast=True)
+    def aligner_constraint(self, inputs, config):
+        self.record()
+
+
+class FirstProbe(_OrderProbe):
+    name = "first_probe"
+
+    @hookimpl(tryfirst=True)
+    def aligner_constraint(self, inputs, config):
+        self.record()
+
+
+last_probe, plain_a, first_probe, plain_b = LastProbe(), PlainProbe("plain_a"), FirstProbe(), PlainProbe("plain_b")
