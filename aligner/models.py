@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ def init_distributed(timeout_s: int = 1800) -> None:
         # for CPU runs; ALIGNER_CPU_SHM_COMM=1 turns the op back on. DeepSpeed keeps this dict for edits
         # (deepspeed/ops/__init__.py: "edits to it persist").
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed 0.19.8 calls these two deprecated torch.distributed functions every step; the warning says
+    # nothing a user can act on, and it fills the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                            category=FutureWarning)
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 

@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_plugins:
         print(list_plugins_table())
         return 0
+    cfg = None
     try:
         cfg, plugins = configure(args)
         run(cfg, plugins, args)
@@ -355,7 +356,30 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"aligner: stopped: {exc}", file=sys.stderr)
         return 3
+    except RuntimeError as exc:
+        if cfg is None or not lost_peer(exc):
+            raise
+        print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
+        return 4
     return 0
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank of the job died or hung (gloo/NCCL transport error or timeout)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo/transport", "NCCL", "Connection reset by peer",
+                                                                      "Connection closed by peer", "Timed out waiting"))
+
+
+def lost_peer_message(exc: BaseException, cfg: RunConfig) -> str:
+    """What a surviving rank prints instead of the transport's traceback: what happened, what is safe, what to do."""
+    latest = checkpoint.latest_checkpoint(Path(cfg.output_dir))
+    saved = (f"the last complete checkpoint, {latest}, is intact: fix the cause, then rerun with --resume auto"
+             if latest else f"no checkpoint was published in {cfg.output_dir} yet: rerun from the start")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"aligner: error: rank {os.environ.get('RANK', '0')} lost contact with another rank of this job "
+            f"({first_line[:300]}). Another process died or hung; its own log says why (look for a traceback, "
+            f"an out-of-memory kill, or a signal). {saved}")
 
 
 if __name__ == "__main__":
