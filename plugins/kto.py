@@ -14,8 +14,9 @@ batch), with no gradient, the per-completion losses are
     undesirable:  λ_U·(1 − σ(β·(z₀ − ρ(y))))
 
 and L is their mean over all completions of the micro-batch (the paper's
-λ_y − v(x, y), as TRL computes it). z₀ is estimated per micro-batch on each
-rank; TRL also averages it over ranks. At the first step policy = reference,
+λ_y − v(x, y), as TRL computes it). z₀ is estimated per micro-batch from the
+mismatched pairs of all ranks (all-reduced), as TRL gathers it across processes.
+At the first step policy = reference,
 so ρ = z₀ = 0 and L = 0.5·(λ_D·n_D + λ_U·n_U)/(n_D + n_U), 0.5 with the
 default weights.
 
@@ -41,6 +42,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from aligner.hookspecs import DatasetSummary, LossOutput, PluginInfo, StepInputs, hookimpl
 
@@ -62,8 +64,18 @@ class KTOConfig:
 
 
 def kl_baseline(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:
-    """z₀ = max(0, mean(log π_θ(y'|x) − log π_ref(y'|x))) over mismatched pairs, detached; a scalar."""
-    return (kl_policy - kl_reference).detach().mean().clamp(min=0)
+    """z₀ = max(0, mean(log π_θ(y'|x) − log π_ref(y'|x))) over the mismatched pairs of every rank, detached; a scalar.
+
+    Under several ranks the sum and count are all-reduced, so every rank uses the
+    same z₀, estimated from the whole global micro-batch (TRL gathers its KL
+    estimate across processes the same way). Every rank computes the loss on
+    every micro-batch, so the all-reduce is met by all of them.
+    """
+    diff = (kl_policy - kl_reference).detach()
+    stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    return (stats[0] / stats[1]).clamp(min=0)
 
 
 def kto_loss(policy_desirable: torch.Tensor, ref_desirable: torch.Tensor, policy_undesirable: torch.Tensor,

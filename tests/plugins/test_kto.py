@@ -99,3 +99,36 @@ def test_kto_asks_for_unpaired_data_and_the_kl_pairs():
     assert plugins.required_models(cfg) == {"reference"}
     with pytest.raises(ValueError, match="kto.undesirable_weight must be > 0"):
         kto.KTOConfig(undesirable_weight=0)
+
+
+def _z0_on_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        policy = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]][rank][: 3 - rank])  # rank 1 holds 2 pairs
+        out.put((rank, float(kto.kl_baseline(policy, torch.zeros_like(policy)))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_z0_is_the_mean_over_every_ranks_mismatched_pairs():
+    """Two real gloo processes: each rank's own mean would be 2 and 15; both use (1+2+3+10+20)/5 = 7.2."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_z0_on_rank, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert results == pytest.approx({0: 7.2, 1: 7.2})
+    assert float(kto.kl_baseline(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3))) == pytest.approx(2.0)  # one process
