@@ -29,6 +29,13 @@ class ModelError(ValueError):
     """A model or tokenizer path is wrong; the message names the config key and the fix."""
 
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a rendezvous the caller starts soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(timeout_s: int = 1800) -> None:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
 
@@ -38,9 +45,7 @@ def init_distributed(timeout_s: int = 1800) -> None:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu" and os.environ.get("ALIGNER_CPU_SHM_COMM", "0") != "1":

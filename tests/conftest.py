@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aligner.models import free_port  # noqa: F401  (tests launch runs on free ports)
 from aligner.report import read_scalars  # noqa: F401  (tests read TensorBoard through the same reader as the report)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +20,6 @@ os.environ.setdefault("ALIGNER_CACHE", tempfile.mkdtemp(prefix="aligner-test-cac
 # Test-only plugin modules (tests/plugin_fixtures) importable by module:attr, in-process and in launched runs.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
