@@ -4,12 +4,15 @@ The row holds ``[chosen_0..chosen_B-1, rejected_0..rejected_B-1]`` back to back
 (the same order as :func:`aligner.data.collate_pairs`), with ``position_ids``
 restarting at 0 for every sequence. Attention must stay inside each sequence:
 
-- SDPA/eager (CPU): transformers reads the restarting ``position_ids`` and builds
-  a block-diagonal causal mask itself, provided the forward gets *no*
-  ``attention_mask`` and ``use_cache=False`` (PLATFORM.md: with a cache the
-  detection is skipped and sequences silently attend across boundaries).
-- flash-attn / PyTorch ``varlen_attn`` (GPU): ``cu_seqlens`` and ``max_seqlen``
-  give the sequence boundaries directly (:mod:`aligner.attention`).
+- ``aligner_varlen`` (what ``model.attn_implementation: auto`` picks for packed
+  runs without flash-attn), flash-attn: ``cu_seqlens`` and ``max_seqlen`` give the
+  sequence boundaries directly (:mod:`aligner.attention`: PyTorch's
+  ``varlen_attn`` on GPU, causal SDPA per sequence on CPU).
+- ``sdpa``/``eager`` chosen by name: transformers reads the restarting
+  ``position_ids`` and builds a block-diagonal causal mask over the whole row
+  itself, provided the forward gets *no* ``attention_mask`` and
+  ``use_cache=False`` (PLATFORM.md: with a cache the detection is skipped and
+  sequences silently attend across boundaries).
 
 No token is padding, so every FLOP goes to a real token.
 """
