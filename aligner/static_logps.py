@@ -135,8 +135,9 @@ def load(path: Path, name: str, expected_fingerprint: str, model_path: Path) -> 
         raise StaticCacheError(f"static log-prob cache {path} is corrupt (its fields do not match format {FORMAT}); {fix}")
     if payload["fingerprint"] != expected_fingerprint:
         raise StaticCacheError(
-            f"static log-prob cache {path} is stale: it was computed for other weights (fingerprint "
-            f"{payload['fingerprint'][:12]}…) than this run's {name} at {model_path} ({expected_fingerprint[:12]}…); "
+            f"static log-prob cache {path} is stale: it was computed for other weights, dtype or attention "
+            f"implementation (fingerprint {payload['fingerprint'][:12]}…) than this run's {name} at {model_path} "
+            f"({expected_fingerprint[:12]}…); "
             f"point the {name} back at the checkpoint it was computed for, or {fix}"
         )
     values = payload["logps"].tolist()

@@ -79,7 +79,7 @@ def test_stale_and_corrupt_caches_are_refused(model_dir, tiny_tokenizer, tmp_pat
         prepare(model_dir, {"train": edited}, out, CountingBuilder())
 
     embedded.build_model(len(tiny_tokenizer), seed=4).save_pretrained(model_dir)  # other weights, same folder
-    with pytest.raises(StaticCacheError, match="is stale: it was computed for other weights") as info:
+    with pytest.raises(StaticCacheError, match="is stale: it was computed for other weights, dtype or attention implementation") as info:
         prepare(model_dir, splits, out, CountingBuilder())
     assert str(cache_file) in str(info.value) and "delete" in str(info.value)
 
