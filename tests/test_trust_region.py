@@ -38,9 +38,11 @@ def soft_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory):
-    """tr_hard τ=2, 5 steps."""
+    """tr_hard τ=2, 5 steps, on the fast path (packed batches, chunked log-probs): the reference's log-probs
+    are then checked against a padded, full-logits HF forward (test_reference_forward_after_an_update...)."""
     out = tmp_path_factory.mktemp("tr-hard")
-    _run(out, "configs/tiny-cpu.yaml", f"ipo,tr_hard,{PROBE}", "tr_hard.every=2", "train.max_steps=5")
+    _run(out, "configs/tiny-cpu.yaml", f"ipo,tr_hard,{PROBE}", "tr_hard.every=2", "train.max_steps=5",
+         "train.packing=true", "train.logps_chunk_tokens=16")
     return out
 
 
