@@ -142,6 +142,19 @@ class LossOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def pairwise(cls, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> LossOutput:
+        """A pairwise loss's output: the mean of its per-pair ``losses`` (B,), and TRL's reward metrics from the
+        (B,) implicit rewards: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (means) and
+        ``rewards/accuracies`` (share of pairs with chosen > rejected)."""
+        chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
+        return cls(loss=losses.mean(), metrics={
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+        })
+
 
 @dataclass
 class Engines:

@@ -68,13 +68,4 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     losses, chosen_r, rejected_r = hinge_loss(
         inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected, cfg.beta,
     )
-    chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
-    return LossOutput(
-        loss=losses.mean(),
-        metrics={
-            "rewards/chosen": chosen_r.mean(),
-            "rewards/rejected": rejected_r.mean(),
-            "rewards/margins": (chosen_r - rejected_r).mean(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
-        },
-    )
+    return LossOutput.pairwise(losses, chosen_r, rejected_r)

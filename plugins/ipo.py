@@ -78,13 +78,4 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
         inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected,
         inputs.chosen_tokens, inputs.rejected_tokens, cfg.beta,
     )
-    chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
-    return LossOutput(
-        loss=losses.mean(),
-        metrics={
-            "rewards/chosen": chosen_r.mean(),
-            "rewards/rejected": rejected_r.mean(),
-            "rewards/margins": (chosen_r - rejected_r).mean(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
-        },
-    )
+    return LossOutput.pairwise(losses, chosen_r, rejected_r)
