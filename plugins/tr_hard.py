@@ -28,17 +28,17 @@ Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from aligner import trust_region
-from aligner.hookspecs import Engines, PluginInfo, hookimpl
+from aligner.hookspecs import PluginInfo, hookimpl
 
 NAME = "tr_hard"
 
 
 @dataclass
 class TRHardConfig:
+    alpha: ClassVar[float] = 1.0  #: θ_ref ← θ is the soft rule with α = 1 (a constant, not an option)
     every: int = 512  #: τ, optimizer steps between updates (the paper's recommendation, second-hand; TRL's default)
 
     def __post_init__(self) -> None:
@@ -46,11 +46,11 @@ class TRHardConfig:
             raise ValueError(f"tr_hard.every must be >= 1 (optimizer steps between updates), got {self.every}")
 
 
-class TRHard:
-    """The plugin object; it holds the number of updates made so far (saved in checkpoints)."""
+class TRHard(trust_region.ReferenceUpdatePlugin):
+    """The plugin object; the shared hooks (the update, its counter, checkpoints) are in
+    :class:`aligner.trust_region.ReferenceUpdatePlugin`."""
 
-    def __init__(self) -> None:
-        self.updates = 0
+    name = NAME
 
     @hookimpl
     def aligner_plugin_info(self) -> PluginInfo:
@@ -62,40 +62,6 @@ class TRHard:
     def aligner_config_section(self) -> tuple[str, type]:
         """Option ``tr_hard.every`` (τ)."""
         return NAME, TRHardConfig
-
-    @hookimpl
-    def aligner_required_models(self, config) -> set[str]:
-        """The reference, which this plugin replaces every τ steps."""
-        return {"reference"}
-
-    @hookimpl
-    def aligner_after_optimizer_step(self, step: int, engines: Engines, config) -> dict[str, float]:
-        """At steps τ, 2τ, …: θ_ref ← θ on the local shards; log the updates and ‖θ_ref−θ‖/‖θ‖."""
-        cfg: TRHardConfig = config.section(NAME)
-        if step % cfg.every == 0:
-            trust_region.mix_into_reference(engines, 1.0)
-            self.updates += 1
-        return {"tr/updates": float(self.updates), "tr/ref_policy_l2": trust_region.relative_distance(engines)}
-
-    @hookimpl
-    def aligner_state_dict(self) -> dict[str, Any]:
-        """The update counter."""
-        return {"updates": self.updates}
-
-    @hookimpl
-    def aligner_load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the update counter."""
-        self.updates = int(state["updates"])
-
-    @hookimpl
-    def aligner_save_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank writes its reference shards to ``<checkpoint>/tr_hard/reference_rank<r>.safetensors``."""
-        trust_region.save_reference(directory / NAME, engines)
-
-    @hookimpl
-    def aligner_load_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank restores its moved reference shards, so a resumed run does not restart from the initial model."""
-        trust_region.load_reference(directory / NAME, engines)
 
 
 tr_hard = TRHard()

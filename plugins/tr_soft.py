@@ -30,11 +30,9 @@ Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from aligner import trust_region
-from aligner.hookspecs import Engines, PluginInfo, hookimpl
+from aligner.hookspecs import PluginInfo, hookimpl
 
 NAME = "tr_soft"
 
@@ -51,11 +49,11 @@ class TRSoftConfig:
             raise ValueError(f"tr_soft.every must be >= 1 (optimizer steps between updates), got {self.every}")
 
 
-class TRSoft:
-    """The plugin object; it holds the number of updates made so far (saved in checkpoints)."""
+class TRSoft(trust_region.ReferenceUpdatePlugin):
+    """The plugin object; the shared hooks (the update, its counter, checkpoints) are in
+    :class:`aligner.trust_region.ReferenceUpdatePlugin`."""
 
-    def __init__(self) -> None:
-        self.updates = 0
+    name = NAME
 
     @hookimpl
     def aligner_plugin_info(self) -> PluginInfo:
@@ -67,40 +65,6 @@ class TRSoft:
     def aligner_config_section(self) -> tuple[str, type]:
         """Options ``tr_soft.alpha`` (α) and ``tr_soft.every`` (τ)."""
         return NAME, TRSoftConfig
-
-    @hookimpl
-    def aligner_required_models(self, config) -> set[str]:
-        """The reference, which this plugin moves."""
-        return {"reference"}
-
-    @hookimpl
-    def aligner_after_optimizer_step(self, step: int, engines: Engines, config) -> dict[str, float]:
-        """At steps τ, 2τ, …: θ_ref ← α·θ + (1−α)·θ_ref on the local shards; log the updates and ‖θ_ref−θ‖/‖θ‖."""
-        cfg: TRSoftConfig = config.section(NAME)
-        if step % cfg.every == 0:
-            trust_region.mix_into_reference(engines, cfg.alpha)
-            self.updates += 1
-        return {"tr/updates": float(self.updates), "tr/ref_policy_l2": trust_region.relative_distance(engines)}
-
-    @hookimpl
-    def aligner_state_dict(self) -> dict[str, Any]:
-        """The update counter."""
-        return {"updates": self.updates}
-
-    @hookimpl
-    def aligner_load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the update counter."""
-        self.updates = int(state["updates"])
-
-    @hookimpl
-    def aligner_save_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank writes its reference shards to ``<checkpoint>/tr_soft/reference_rank<r>.safetensors``."""
-        trust_region.save_reference(directory / NAME, engines)
-
-    @hookimpl
-    def aligner_load_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank restores its moved reference shards, so a resumed run does not restart from the initial model."""
-        trust_region.load_reference(directory / NAME, engines)
 
 
 tr_soft = TRSoft()
