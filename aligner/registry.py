@@ -135,28 +135,22 @@ class ActivePlugins:
         return sections
 
     def required_models(self, config: Any) -> set[str]:
-        needed: set[str] = set()
-        for plugin_name, models in self.call_each("aligner_required_models", config=config):
-            unknown = set(models or ()) - set(hookspecs.MODELS)
-            if unknown:
-                raise PluginError(
-                    f"plugin '{plugin_name}' asked for unknown models {sorted(unknown)}; "
-                    f"aligner builds {', '.join(hookspecs.MODELS)}"
-                )
-            needed |= set(models or ())
-        return needed
+        """The models (:data:`aligner.hookspecs.MODELS`) that some active plugin asked for."""
+        return self._union("aligner_required_models", config, hookspecs.MODELS, "models", "builds")
 
     def required_inputs(self, config: Any) -> set[str]:
         """The optional inputs (:data:`aligner.hookspecs.INPUTS`) that some active plugin asked for."""
+        return self._union("aligner_required_inputs", config, hookspecs.INPUTS, "inputs", "provides")
+
+    def _union(self, hook_name: str, config: Any, known, what: str, verb: str) -> set[str]:
+        """The union of every plugin's answer to ``hook_name``, refusing a name outside ``known``."""
         needed: set[str] = set()
-        for plugin_name, inputs in self.call_each("aligner_required_inputs", config=config):
-            unknown = set(inputs or ()) - set(hookspecs.INPUTS)
+        for plugin_name, asked in self.call_each(hook_name, config=config):
+            unknown = set(asked or ()) - set(known)
             if unknown:
-                raise PluginError(
-                    f"plugin '{plugin_name}' asked for unknown inputs {sorted(unknown)}; "
-                    f"aligner provides {', '.join(hookspecs.INPUTS)}"
-                )
-            needed |= set(inputs or ())
+                raise PluginError(f"plugin '{plugin_name}' asked for unknown {what} {sorted(unknown)}; "
+                                  f"aligner {verb} {', '.join(known)}")
+            needed |= set(asked or ())
         return needed
 
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
@@ -165,19 +159,21 @@ class ActivePlugins:
         Order: implementations marked ``tryfirst`` first, then unmarked ones in the
         order the plugins were activated (``--plugins`` order), then ``trylast``.
         """
-        results = []
         impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # pluggy's list: trylast, plain, tryfirst
-        for impl in sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1):
-            with hook_errors(self, hook_name):
-                results.append((impl.plugin_name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
-        return results
+        ordered = sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
+        return [(impl.plugin_name, self._call(impl, hook_name, kwargs)) for impl in ordered]
 
     def call_one(self, plugin_name: str, hook_name: str, **kwargs: Any) -> Any:
+        """Call one plugin's implementation of ``hook_name``; ``None`` if it has none."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin_name == plugin_name:
-                with hook_errors(self, hook_name):
-                    return impl.function(**{a: kwargs[a] for a in impl.argnames})
+                return self._call(impl, hook_name, kwargs)
         return None
+
+    def _call(self, impl, hook_name: str, kwargs: dict[str, Any]) -> Any:
+        """Call by keyword with the arguments the implementation takes; a raise names the plugin and hook."""
+        with hook_errors(self, hook_name):
+            return impl.function(**{a: kwargs[a] for a in impl.argnames})
 
 
 class PluginHookError(RuntimeError):
