@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import step_speed  # noqa: E402
 import workload  # noqa: E402
-from results_md import write_section  # noqa: E402
+from results_md import command_line, write_section  # noqa: E402
 
 MATMUL = {"mm", "addmm", "bmm", "baddbmm"}
 COPIES = {"copy", "cat", "fill", "zero", "clone", "_to_copy", "narrow_copy", "index_put"}
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                      *(f"{v:.2f}" for v in terms.values()), f"{step_s - sum(terms.values()):.2f}",
                      f"{top['name']} {top['self_cpu_s']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
-    command = "python benchmarks/profile_step.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = (f"Command: `{command.strip()}`. Plugins `{args.plugins}`; seconds per step (mean of steps "
             f"{args.start + 1}–{args.start + args.steps}); each term is that rank's self CPU time in those ops.\n\n"
             + "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(lines))

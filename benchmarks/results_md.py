@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: a free launcher port, and each script's own marked section of RESULTS.md."""
+"""What the benchmark scripts share: a free launcher port, the command line they record, and each script's own
+marked section of RESULTS.md."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from aligner.models import free_port  # noqa: F401  (re-exported for the scripts)
@@ -17,3 +20,9 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
     path.write_text(current)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a benchmark was run, as its RESULTS.md section records it: ``python benchmarks/<script> <args>``."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *([shlex.join(args)] if args else [])])

@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from results_md import free_port, write_section  # noqa: E402
+from results_md import command_line, free_port, write_section  # noqa: E402
 import workload  # noqa: E402
 
 CHUNK_TOKENS = 1024
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"row {name}: {result['tok_s']:.0f} real tok/s, {result['peak_gib']:.2f} GiB, "
               f"step-1 loss {result['loss1']:.4f}, {result['wall_s']:.0f} s wall", flush=True)
         results.append(result)
-    command = "python benchmarks/step_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     load = os.getloadavg()
     header = (f"Command: `{command.strip()}`  \n"
               f"Workload `{spec.name}` ({spec.pairs} pairs, max length {spec.max_length}), plugins `{args.plugins}`, "

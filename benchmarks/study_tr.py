@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
-from results_md import free_port, write_section  # noqa: E402
+from results_md import command_line, free_port, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     found = verdict(rows)
     print(text)
     print(found)
-    command = "python benchmarks/study_tr.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     if not args.smoke:
         write_section(RESULTS, "study_tr",
             "## Trust-region study: gold reward against KL (embedded sort task)\n\n"
