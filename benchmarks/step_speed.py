@@ -130,10 +130,15 @@ def run_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def plugin_names(plugins: str) -> list[str]:
+    """``--plugins`` as a list of names: "dpo, tr_soft" -> ["dpo", "tr_soft"]."""
+    return [p.strip() for p in plugins.split(",") if p.strip()]
+
+
 def update_every_step(plugins: str) -> list[str]:
     """τ = 1 for a reference-update plugin, as the TRL row's ``ref_model_sync_steps=1``: both rows pay for an
     update every step (``--set`` can still change it)."""
-    return [f"{name}.every=1" for name in REFERENCE_UPDATERS if name in [p.strip() for p in plugins.split(",")]]
+    return [f"{name}.every=1" for name in REFERENCE_UPDATERS if name in plugin_names(plugins)]
 
 
 def aligner_command(args: argparse.Namespace, row: Row, work: Path, spec: workload.Workload) -> list[str]:
@@ -170,7 +175,7 @@ def summarize(step_time: list[float], cpu_s: list[float], tokens: list[float], l
 
 def row_note(row: Row, plugins: str) -> str:
     """The row's description for this plugin set: which frozen models run a forward every step, which are cached."""
-    names = {p.strip() for p in plugins.split(",")}
+    names = set(plugin_names(plugins))
     moving = bool(names & set(REFERENCE_UPDATERS))
     frozen = ["reference"] + (["anchor"] if "flipguard" in names else [])
     if row.name not in ("cached", "fast"):
@@ -206,7 +211,7 @@ def run_trl_row(args: argparse.Namespace, work: Path, spec: workload.Workload) -
     out = work / "runs" / "trl" / "result.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    sync = any(p.strip() in REFERENCE_UPDATERS for p in args.plugins.split(","))
+    sync = bool(update_every_step(args.plugins))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_port", str(free_port()), str(HERE / "trl_peer.py"), "--model", str(work / "model"),
            "--data", str(work / "data" / "prefs.jsonl"), "--out", str(out), "--steps", str(args.steps),
@@ -251,7 +256,7 @@ def table(results: list[dict], skipped: dict[str, str], device: str) -> str:
 
 def section_name(plugins: str) -> str:
     """RESULTS.md keeps one section per plugin set: ``step_speed`` for dpo, ``step_speed_dpo_tr_soft_flipguard`` etc."""
-    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    names = plugin_names(plugins)
     return "step_speed" if names == ["dpo"] else "step_speed_" + "_".join(names)
 
 
