@@ -25,6 +25,11 @@ class ProfileConfig:
     start: int = 2  #: the profiler starts after this optimizer step (warm-up steps before it are left out)
     steps: int = 2  #: how many whole steps it records
 
+    def __post_init__(self) -> None:
+        if self.start < 1 or self.steps < 1:
+            raise ValueError(f"profile.start and profile.steps must be >= 1 (the window starts after an optimizer "
+                             f"step and holds whole steps), got start={self.start}, steps={self.steps}")
+
 
 class Profiler:
     """Constraint role with no term: it only observes the steps."""

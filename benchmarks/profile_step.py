@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=step_speed.parse_args([]).work)
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in step_speed.ALIGNER_ROWS]
+    if unknown:
+        p.error(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(step_speed.ALIGNER_ROWS)}")
+    if args.start < 1 or args.steps < 1:
+        p.error(f"--start and --steps must be >= 1, got {args.start} and {args.steps}")
     bench = step_speed.parse_args(["--plugins", args.plugins + ",profile_plugin:profiler", "--steps",
                                    str(args.start + args.steps + 1), "--warmup", "0", "--work", args.work])
     spec = workload.CPU
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = ":".join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     lines = []
     cols = ["row", "rank", "step s", *TERMS, "not in ops", "top op"]
-    for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
+    for name in rows:
         row = step_speed.Row(f"profile_{name}", step_speed.ALIGNER_ROWS[name].sets)
         cmd = step_speed.aligner_command(bench, row, work, spec) + [f"profile.start={args.start}",
                                                                      f"profile.steps={args.steps}"]

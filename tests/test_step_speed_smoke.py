@@ -115,3 +115,16 @@ def test_profile_plugin_records_a_window_of_steps_and_profile_step_sorts_ops_int
     assert terms["matmul"] > 0 and terms["attention"] > 0 and terms["elementwise"] > 0
     assert profile_step.term_of("aten::addmm_") == "matmul" and profile_step.term_of("aten::copy_") == "copies"
     assert profile_step.term_of("LinearFunctionForZeroStage3Backward") == "other"
+
+
+def test_profile_step_refuses_an_unknown_row_and_an_empty_window():
+    script = str(ROOT / "benchmarks" / "profile_step.py")
+    proc = subprocess.run([sys.executable, script, "--rows", "fast,turbo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, cached, fast" in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--start and --steps must be >= 1, got 2 and 0" in proc.stderr
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_plugin
+
+    with pytest.raises(ValueError, match="profile.start and profile.steps must be >= 1"):
+        profile_plugin.ProfileConfig(start=0)
