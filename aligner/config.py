@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from aligner.hookspecs import DEFAULT_LOSS
+
 
 class ConfigError(ValueError):
     """The run config is wrong; the message names the key or file and the fix."""
@@ -131,7 +133,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/tiny"
-    plugins: list[str] = field(default_factory=lambda: ["dpo"])
+    plugins: list[str] = field(default_factory=lambda: [DEFAULT_LOSS])
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

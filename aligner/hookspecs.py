@@ -20,11 +20,14 @@ saved once), or :func:`aligner_save_checkpoint` and
 :func:`aligner_load_checkpoint` (state that lives in every rank's shards, such
 as a moved reference model).
 
-Hooks that every plugin answers (constraints, ``aligner_after_optimizer_step``,
-the checkpoint hooks) run in ``--plugins`` order; mark an implementation
+Every hook is called the same way (:meth:`aligner.registry.ActivePlugins.call_each`):
+each implementation by keyword, in ``--plugins`` order; mark an implementation
 ``@hookimpl(tryfirst=True)`` or ``@hookimpl(trylast=True)`` to run it before
 or after all others (a plugin that logs the reference after a trust-region
-update uses ``trylast``).
+update uses ``trylast``). Only :func:`aligner_model_path` is ``firstresult``:
+the first non-None answer in that order wins. Hook wrappers
+(``hookwrapper=True``/``wrapper=True``) are refused when a plugin is activated,
+and so is a plugin that lacks its role's hook (:data:`REQUIRED_HOOKS`).
 
 Built-in plugins are registered through the same entry-point group
 (``aligner.plugins``) as third-party ones.
@@ -53,6 +56,11 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 ROLES = ("loss", "constraint", "reference_update")
+#: The hook each role must implement; a plugin without it is refused when it is activated.
+REQUIRED_HOOKS = {"loss": "aligner_loss", "constraint": "aligner_constraint",
+                  "reference_update": "aligner_after_optimizer_step"}
+#: The loss a run gets when ``--plugins`` (and the config's ``plugins``) name none.
+DEFAULT_LOSS = "dpo"
 MODELS = ("reference", "anchor")
 #: Optional inputs a plugin may ask for in :func:`aligner_required_inputs`:
 #: ``"unpaired"``: it can train and evaluate on unpaired data (rows ``prompt``,
@@ -168,15 +176,13 @@ class Engines:
     anchor: Any = None
 
 
-@hookspec(firstresult=True)
+@hookspec
 def aligner_plugin_info() -> PluginInfo:
     """Say what this plugin is.
 
-    Called once per plugin when it is activated, before any other hook; the
-    registry uses the role to check that a run has exactly one loss, at most one
-    reference update and any number of constraints.
-
-    Stops at first non-None result.
+    Called once per plugin when it is activated, on that plugin alone and before
+    any other hook; the registry uses the role to check that a run has exactly
+    one loss, at most one reference update and any number of constraints.
     """
 
 
@@ -243,7 +249,7 @@ def aligner_model_path(model: str, config: RunConfig) -> str | None:
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
     """Compute the alignment loss of one micro-batch (role ``loss``).
 
@@ -251,9 +257,8 @@ def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
     :param config: the run config; a plugin reads its own section from
         ``config.plugins[name]``.
 
-    Return the mean loss over the micro-batch and its metrics.
-
-    Stops at first non-None result.
+    Return the mean loss over the micro-batch and its metrics. Called on the
+    run's loss plugin (``aligner/step.py``), whose term is added to the constraints'.
     """
 
 
@@ -271,14 +276,27 @@ def aligner_constraint(inputs: StepInputs, config: RunConfig) -> LossOutput | No
 
 
 @hookspec
-def aligner_after_optimizer_step(step: int, engines: Engines, config: RunConfig) -> dict[str, float] | None:
+def aligner_after_optimizer_step(step: int, engines: Engines, config: RunConfig, logged: bool) -> dict[str, float] | None:
     """React to a completed optimizer step (role ``reference_update`` and others).
 
     :param step: the number of optimizer steps taken so far (1 after the first).
     :param engines: the DeepSpeed engines; the reference may be changed in place.
     :param config: the run config.
+    :param logged: whether this step's metrics are written (``train.log_every``, the last step): a metric
+        that costs a collective or a pass over the weights is worth computing only then.
 
-    Called on every rank. Return metrics to log at this step, or ``None``.
+    Called on every rank (all ranks get the same ``logged``). Return metrics to log at this step, or ``None``.
+    """
+
+
+@hookspec
+def aligner_report_panels() -> list[tuple[str, str, list[str]]] | None:
+    """Declare this plugin's plots for ``aligner-report``.
+
+    Return ``(file stem, title, TensorBoard tag patterns)`` per panel, e.g.
+    ``("trust_region", "Trust region: reference-policy distance", ["tr/ref_policy_l2"])``;
+    patterns are ``fnmatch`` globs. A panel whose tags a run did not log is skipped.
+    The report asks every installed plugin, so it needs no list of plugin tags of its own.
     """
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import pluggy
 
 from aligner import hookspecs
-from aligner.hookspecs import API_VERSION, ROLES, PluginInfo
+from aligner.hookspecs import API_VERSION, DEFAULT_LOSS, REQUIRED_HOOKS, ROLES, PluginInfo
 
 GROUP = "aligner.plugins"
-DEFAULT_LOSS = "dpo"
+__all__ = ["DEFAULT_LOSS", "GROUP", "ActivePlugins", "PluginError", "PluginHookError", "activate", "available_plugins"]
 
 
 class PluginError(ValueError):
@@ -52,11 +52,14 @@ def available_plugins() -> dict[str, AvailablePlugin]:
 
 
 def _import_target(target: str, name: str) -> object:
+    """Import ``module`` or ``module:attr``. Any failure (not only ImportError: a package may raise anything, or
+    exit, while it is imported) is a :class:`PluginError` naming the plugin, so it fails only runs that name it."""
     module_name, _, attr = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PluginError(f"plugin '{name}': cannot import module '{module_name}': {exc}") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - third-party code: whatever it raises, the plugin is broken
+        why = f"{exc}" if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        raise PluginError(f"plugin '{name}': cannot import module '{module_name}': {why}") from exc
     for part in filter(None, attr.split(".")):
         try:
             obj = getattr(obj, part)
@@ -106,10 +109,6 @@ class ActivePlugins:
     pm: pluggy.PluginManager
     infos: dict[str, PluginInfo] = field(default_factory=dict)
 
-    @property
-    def hook(self) -> Any:
-        return self.pm.hook
-
     def names(self, role: str | None = None) -> list[str]:
         return [n for n, i in self.infos.items() if role is None or i.role == role]
 
@@ -156,19 +155,32 @@ class ActivePlugins:
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call one hook on each plugin that implements it, returning (plugin name, result) pairs.
 
-        Order: implementations marked ``tryfirst`` first, then unmarked ones in the
-        order the plugins were activated (``--plugins`` order), then ``trylast``.
+        This is the one way aligner calls a hook. Order: implementations marked ``tryfirst``
+        first, then unmarked ones in the order the plugins were activated (``--plugins``
+        order), then ``trylast``.
         """
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # pluggy's list: trylast, plain, tryfirst
-        ordered = sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
-        return [(impl.plugin_name, self._call(impl, hook_name, kwargs)) for impl in ordered]
+        return [(impl.plugin_name, self._call(impl, hook_name, kwargs)) for impl in self._impls(hook_name)]
 
     def call_one(self, plugin_name: str, hook_name: str, **kwargs: Any) -> Any:
         """Call one plugin's implementation of ``hook_name``; ``None`` if it has none."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        for impl in self._impls(hook_name):
             if impl.plugin_name == plugin_name:
                 return self._call(impl, hook_name, kwargs)
         return None
+
+    def first_result(self, hook_name: str, **kwargs: Any) -> Any:
+        """For a ``firstresult`` hook: the first non-None answer, in :meth:`call_each`'s order (later ones are not called)."""
+        if not getattr(self.pm.hook, hook_name).spec.opts.get("firstresult"):
+            raise PluginHookError(f"{hook_name} is not a firstresult hook; call it with call_each")
+        for impl in self._impls(hook_name):
+            result = self._call(impl, hook_name, kwargs)
+            if result is not None:
+                return result
+        return None
+
+    def _impls(self, hook_name: str) -> list:
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # pluggy's list: trylast, plain, tryfirst
+        return sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
 
     def _call(self, impl, hook_name: str, kwargs: dict[str, Any]) -> Any:
         """Call by keyword with the arguments the implementation takes; a raise names the plugin and hook."""
@@ -239,6 +251,7 @@ def activate(names: list[str]) -> ActivePlugins:
         if info.name in active.infos:
             raise PluginError(f"two plugins are both named '{info.name}' ({name}); list each plugin once")
         pm.register(plugin, name=info.name)
+        check_hooks(pm, info, name)
         active.infos[info.name] = info
 
     if not active.names("loss"):
@@ -257,6 +270,63 @@ def activate(names: list[str]) -> ActivePlugins:
     return active
 
 
+def check_hooks(pm: pluggy.PluginManager, info: PluginInfo, label: str) -> None:
+    """Refuse, at activation, a plugin that lacks its role's hook or that wraps a hook.
+
+    aligner calls each implementation itself (:meth:`ActivePlugins.call_each`), so a
+    ``hookwrapper``/``wrapper`` implementation would return a generator instead of running.
+    """
+    impls = {caller.name: impl for caller in pm.get_hookcallers(pm.get_plugin(info.name)) or []
+             for impl in caller.get_hookimpls() if impl.plugin_name == info.name}
+    for hook_name, impl in impls.items():
+        if impl.hookwrapper or getattr(impl, "wrapper", False):
+            raise PluginError(
+                f"plugin '{label}' marks {hook_name} as a hook wrapper; aligner calls every implementation itself "
+                f"and does not run wrappers: drop hookwrapper=True/wrapper=True and return the result"
+            )
+    required = REQUIRED_HOOKS[info.role]
+    if required not in impls:
+        raise PluginError(
+            f"plugin '{label}' has role {info.role} but no {required} hook; a {info.role} plugin must implement "
+            f"{required} (see aligner/hookspecs.py), or declare another role"
+        )
+
+
+def installed() -> ActivePlugins:
+    """Every installed plugin that loads, in one manager, with no role checks: for questions asked of all of
+    them (the config sections of inactive plugins, the report's panels). A broken one is left out."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    out = ActivePlugins(pm)
+    for name, ap in available_plugins().items():
+        try:
+            plugin = ap.load()
+            info = plugin_info(plugin, name)
+            if info.name not in out.infos and pm.get_plugin(info.name) is None:
+                pm.register(plugin, name=info.name)
+                out.infos[info.name] = info
+        except (PluginError, ValueError):
+            continue
+    return out
+
+
+def inactive_sections(active: ActivePlugins) -> dict[str, str]:
+    """Config section -> plugin, for every installed plugin that is not active (so a config that sets one gets
+    "add it to --plugins" rather than "unknown key"). A plugin that fails here is skipped: it fails only runs that name it."""
+    everything = installed()
+    out: dict[str, str] = {}
+    for name in everything.infos:
+        if name in active.infos:
+            continue
+        try:
+            section = everything.call_one(name, "aligner_config_section")
+        except PluginHookError:
+            continue
+        if section:
+            out[section[0]] = name
+    return out
+
+
 def _role_of(ap: AvailablePlugin) -> str | None:
     try:
         return plugin_info(ap.load(), ap.name).role
@@ -272,5 +342,5 @@ def list_plugins_table() -> str:
             info = plugin_info(ap.load(), name)
             lines.append(f"{name:<12} {info.role:<17} {ap.distribution:<22} {info.summary}")
         except PluginError as exc:
-            lines.append(f"{name:<12} {'?':<17} {ap.distribution:<22} cannot be loaded: {exc}")
+            lines.append(f"{name:<12} {'broken':<17} {ap.distribution:<22} broken: {exc}")
     return "\n".join(lines)

@@ -114,3 +114,64 @@ class FirstProbe(_OrderProbe):
 
 
 last_probe, plain_a, first_probe, plain_b = LastProbe(), PlainProbe("plain_a"), FirstProbe(), PlainProbe("plain_b")
+
+
+class WrapsConstraint:
+    """A constraint whose hook is a pluggy hook wrapper, which aligner does not run: refused at activation."""
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="wraps", role="constraint", summary="wraps aligner_constraint")
+
+    @hookimpl(wrapper=True)
+    def aligner_constraint(self, inputs, config):
+        result = yield
+        return result
+
+
+wraps = WrapsConstraint()
+
+
+class LossWithoutHook:
+    """A loss plugin that forgot aligner_loss: refused at activation, before any engine is built."""
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="no_loss_hook", role="loss", summary="declares the loss role only")
+
+
+no_loss_hook = LossWithoutHook()
+
+
+class AnchorFrom:
+    """Answers aligner_model_path for the anchor with a fixed folder name; the subclass below marks it tryfirst."""
+
+    def __init__(self, name: str, answer: str | None) -> None:
+        self.name, self.answer = name, answer
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name=self.name, role="constraint", summary="names the anchor checkpoint")
+
+    @hookimpl
+    def aligner_required_models(self, config):
+        return {"anchor"}
+
+    @hookimpl
+    def aligner_model_path(self, model, config):
+        return self.answer if model == "anchor" else None
+
+    @hookimpl
+    def aligner_constraint(self, inputs, config):
+        return None
+
+
+class AnchorFromFirst(AnchorFrom):
+    @hookimpl(tryfirst=True)
+    def aligner_model_path(self, model, config):
+        return self.answer if model == "anchor" else None
+
+
+anchor_plain = AnchorFrom("anchor_plain", "embedded:plain")
+anchor_first = AnchorFromFirst("anchor_first", "embedded:first")
+anchor_none = AnchorFromFirst("anchor_none", None)

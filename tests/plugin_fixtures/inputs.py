@@ -12,5 +12,9 @@ class WantsLogits:
     def aligner_required_inputs(self, config):
         return {"logits"}
 
+    @hookimpl
+    def aligner_constraint(self, inputs, config):
+        return None
+
 
 wants_logits = WantsLogits()
