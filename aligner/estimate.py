@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan
+
 GIB = 2**30
 
 #: Per-process overhead not tied to the model, by accelerator. CPU: Python with torch, transformers, deepspeed and
@@ -178,41 +180,40 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
 
 @dataclass(frozen=True)
 class FrozenModel:
-    """A model beside the policy that the run will hold: which, from where, in which dtype, and whether the
-    static log-prob cache replaces its engine after a pre-pass."""
+    """A model beside the policy that the run will hold, one per engine or cache: which (``reference+anchor`` for
+    one shared by both), from where, in which dtype, and whether the static log-prob cache replaces its engine
+    after a pre-pass. A view of the run's :class:`aligner.plan.ModelPlan`."""
 
-    role: str  # "reference", "anchor" or "reference+anchor" (one shared engine)
+    role: str  # "reference", "anchor" or "reference+anchor" (one shared engine or cache)
     path: str
     dtype: str
     cached: bool
 
 
-def planned_frozen_models(cfg, plugins) -> list[FrozenModel]:
-    """The frozen engines :func:`aligner.train.build_engines` builds for these plugins, by the same rules.
+def data_is_paired(cfg) -> bool | None:
+    """Whether ``data.train`` holds preference pairs, from its columns; None when it cannot be read here
+    (the estimate then assumes pairs, and says so)."""
+    from aligner.data import DataError, load_rows
+    from aligner.data.tokenize import check_columns
 
-    Only models some plugin asks for (``aligner_required_models``); the anchor shares the reference's engine
-    while no reference-update plugin is active and both load the same checkpoint; a reference that a plugin
-    moves is kept in fp32; with ``train.cache_static_logps`` on, every model nothing moves is replaced by its
-    cached log-probs after a pre-pass.
-    """
-    required = plugins.required_models(cfg)
-    moving = plugins.reference_update is not None
-    cache = bool(getattr(cfg.train, "cache_static_logps", False))
-    paths: dict[str, str] = {}
-    for name in sorted(required):
-        chosen = plugins.hook.aligner_model_path(model=name, config=cfg)
-        chosen = chosen or (cfg.model.reference_path if name == "reference" else None)
-        paths[name] = chosen or cfg.model.name_or_path
-    out: list[FrozenModel] = []
-    if "reference" in paths:
-        shared = "anchor" in paths and not moving and paths["anchor"] == paths["reference"]
-        out.append(FrozenModel("reference+anchor" if shared else "reference", paths["reference"],
-                               "float32" if moving else cfg.model.dtype, cache and not moving))
-        if shared:
-            return out
-    if "anchor" in paths:
-        out.append(FrozenModel("anchor", paths["anchor"], cfg.model.dtype, cache))
-    return out
+    try:
+        return check_columns(list(load_rows(cfg.data.train).column_names), f"data.train ({cfg.data.train})")
+    except DataError:
+        return None
+
+
+def planned_frozen_models(cfg, plugins, plan: ModelPlan | None = None) -> list[FrozenModel]:
+    """The frozen engines and caches of the run's plan (:func:`aligner.plan.make_plan`, the rules training uses)."""
+    plan = plan or make_plan(cfg, plugins)
+    out: dict[str, FrozenModel] = {}
+    for spec in plan.frozen():
+        if spec.shares:
+            shared = out.pop(spec.shares)
+            out[spec.shares] = FrozenModel(f"{shared.role}+{spec.name}", shared.path, shared.dtype, shared.cached)
+            continue
+        path = cfg.model.name_or_path if spec.source == POLICY_INITIAL else spec.source
+        out[spec.name] = FrozenModel(spec.name, path, spec.dtype, spec.state == "cached")
+    return list(out.values())
 
 
 @dataclass
@@ -238,6 +239,8 @@ class Estimate:
     prepass: list[Line] = field(default_factory=list)
     host: list[Line] = field(default_factory=list)  # per rank, on the host (offloaded state)
     frozen: list[FrozenModel] = field(default_factory=list)
+    plan: ModelPlan | None = None
+    data_paired: bool | None = None  # None: data.train could not be read here, pairs assumed
 
     @property
     def steady_total(self) -> float:
@@ -280,48 +283,65 @@ def gradient_checkpointing(cfg) -> bool:
 
 
 def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int = 1, device: str = "gpu",
-             frozen_shapes: dict[str, ModelShape] | None = None) -> Estimate:
+             frozen_shapes: dict[str, ModelShape] | None = None, plan: ModelPlan | None = None) -> Estimate:
     """Per-rank memory of ``cfg`` with these plugins on ``gpus_per_node`` x ``nodes`` ranks.
 
     :param device: ``gpu`` (buffers count in full once allocated) or ``cpu`` (a buffer's pages count only once
         written, as resident memory does: the reduce bucket fills up to the number of gradient elements).
     :param frozen_shapes: shapes of frozen models loaded from other checkpoints, by path (default: the policy's).
+    :param plan: the run's model plan (default: :func:`aligner.plan.make_plan` on paired data).
     """
-    from aligner import attention, models
+    from aligner import models
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
     ranks = gpus_per_node * nodes
-    ds = models.deepspeed_config(cfg)
-    zero = ds.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    d = _bytes(cfg.model.dtype)
-    P = shape.num_params()
-    shard = {0: (1, 1, 1), 1: (1, 1, ranks), 2: (1, ranks, ranks), 3: (ranks, ranks, ranks)}[stage]  # params, grads, optim
-    offload_opt = "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
-    offload_par = "offload_param" in zero and zero["offload_param"].get("device", "none") != "none"
+    zero = models.deepspeed_config(cfg).get("zero_optimization", {})
     est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB)
-    est.frozen = planned_frozen_models(cfg, plugins)
-    where = est.host if offload_opt else est.steady
+    est.plan = plan or make_plan(cfg, plugins)
+    est.frozen = planned_frozen_models(cfg, plugins, est.plan)
+    _policy_state(est, cfg, zero)
+    _zero_buffers(est, cfg, zero)
+    _policy_forward(est, cfg)
+    _frozen_models(est, cfg, zero, frozen_shapes or {})
+    return est
 
-    persistent = shape.persistent_params(_zero_setting(zero, "stage3_param_persistence_threshold")) if stage == 3 else 0
+
+def _shards(zero: dict[str, Any], ranks: int) -> tuple[int, int, int]:
+    """How many ways params, gradients and optimizer state are split at this ZeRO stage."""
+    return {0: (1, 1, 1), 1: (1, 1, ranks), 2: (1, ranks, ranks), 3: (ranks, ranks, ranks)}[int(zero.get("stage", 0))]
+
+
+def _offloaded(zero: dict[str, Any], key: str) -> bool:
+    return key in zero and zero[key].get("device", "none") != "none"
+
+
+def _policy_state(est: Estimate, cfg, zero: dict[str, Any]) -> None:
+    """The policy's params, gradient partitions, fp32 master, fp32 gradients and Adam moments."""
+    d, P, stage, shard = _bytes(cfg.model.dtype), est.shape.num_params(), int(zero.get("stage", 0)), _shards(zero, est.ranks)
+    where = est.host if _offloaded(zero, "offload_optimizer") else est.steady
+    persistent = est.shape.persistent_params(_zero_setting(zero, "stage3_param_persistence_threshold")) if stage == 3 else 0
     params_line = Line("policy params", d * ((P - persistent) / shard[0] + persistent),
                        f"{cfg.model.dtype}, 1/{shard[0]} of {P / 1e9:.3f}B" + (f" + {persistent:,} persistent" if persistent else ""))
-    (est.host if offload_par else est.steady).append(params_line)
+    (est.host if _offloaded(zero, "offload_param") else est.steady).append(params_line)
     est.steady.append(Line("policy gradient partitions", d * P / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
     where.append(Line("policy fp32 gradients", 4 * P / shard[2], "flattened for the optimizer step", "step"))
     where.append(Line("policy fp32 master", 4 * P / shard[2], "fp32 copy of the partition"))
     where.append(Line("policy Adam moments", 8 * P / shard[2], "exp_avg + exp_avg_sq, fp32"))
 
-    # ZeRO-3 working buffers.
+
+def _zero_buffers(est: Estimate, cfg, zero: dict[str, Any]) -> None:
+    """ZeRO's working buffers: the reduce bucket, its reduce-scatter copies, the gathered parameters."""
+    d, P, stage = _bytes(cfg.model.dtype), est.shape.num_params(), int(zero.get("stage", 0))
     if stage == 3:
         bucket = _zero_setting(zero, "reduce_bucket_size")
-        touched = min(bucket, P) if device == "cpu" else bucket
-        est.steady.append(Line("reduce bucket", d * touched, f"{int(bucket):,} elements" + (" (pages written)" if device == "cpu" else "")))
+        cpu = est.device == "cpu"
+        touched = min(bucket, P) if cpu else bucket
+        est.steady.append(Line("reduce bucket", d * touched, f"{int(bucket):,} elements" + (" (pages written)" if cpu else "")))
         # reduce_scatter_coalesced (deepspeed/runtime/comm/coalesced_collectives.py) concatenates the bucket's
         # padded partitions into one new buffer before the collective: a second copy of a full bucket.
         est.steady.append(Line("reduce-scatter staging", d * min(bucket, P), "torch.cat of the bucket's partitions", "fwd"))
-        if device == "cpu" and ranks > 1:
+        if cpu and est.ranks > 1:
             # Gloo's reduce_scatter_tensor works on temporary copies: 1.5x its input, measured (95 MiB in, 145 MiB
             # more peak RSS on 2 ranks, torch 2.13). NCCL reduces in place.
             est.steady.append(Line("gloo reduce-scatter scratch", 1.5 * d * min(bucket, P), "gloo's temporary copies", "fwd"))
@@ -330,7 +350,29 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     elif stage in (1, 2):
         est.steady.append(Line("reduce bucket", d * min(_zero_setting(zero, "reduce_bucket_size"), P), ""))
 
-    # Activations of the policy's forward+backward at the configured lengths.
+
+def head_bytes(tokens: int, shape: ModelShape, d: int, chunk_tokens: int, grad: bool) -> tuple[float, str]:
+    """Memory of the LM head's output for ``tokens`` scored tokens (aligner/logps.py), and a note.
+
+    Naive (``train.logps_chunk_tokens`` 0): the (T, V) logits in the model dtype and the picked rows (d), plus,
+    with gradients, their fp32 copy (4), or without, one fp32 conversion chunk of 1024 rows. Chunked (c > 0):
+    one (c, V) fp32 logits buffer, with gradients also its model-dtype copy in the backward pass, and the
+    (T, h) hidden states the chunks are computed from.
+    """
+    V = shape.vocab_size
+    if chunk_tokens:
+        c = min(chunk_tokens, tokens)
+        return c * V * (4 + (d if grad else 0)) + tokens * shape.hidden_size * d, f"chunked: {c} x {V} fp32 at a time"
+    if grad:
+        return tokens * V * (2 * d + 4), f"{tokens} x {V} (logits + picked rows + fp32 copy)"
+    return tokens * 2 * V * d + min(tokens, 1024) * V * 4, f"{tokens} x {V} (logits + picked rows)"
+
+
+def _policy_forward(est: Estimate, cfg) -> None:
+    """Activations of the policy's forward+backward at the configured lengths, its logits, the eval forward."""
+    from aligner import attention
+
+    shape, d, chunk = est.shape, _bytes(cfg.model.dtype), cfg.train.logps_chunk_tokens
     B, L = cfg.train.micro_batch_size, cfg.data.max_length
     T = 2 * B * L  # chosen + rejected, padded to max_length (the worst case)
     per_layer = shape.activation_elems_per_token_layer() * T * d
@@ -344,49 +386,49 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
         act = shape.num_layers * per_layer
         act_note = f"{T} tokens x {shape.num_layers} layers, {attn} attention"
     est.steady.append(Line("policy activations", act, act_note, "fwd"))
-    logits = T * shape.vocab_size * (2 * d + 4)
-    est.steady.append(Line("policy logits", logits, f"{T} x {shape.vocab_size} ({cfg.model.dtype} logits + picked rows + fp32 copy)", "fwd"))
-
+    logits, note = head_bytes(T, shape, d, chunk, grad=True)
+    est.steady.append(Line("policy logits", logits, f"{cfg.model.dtype}, {note}", "fwd"))
     if cfg.data.eval:
         eval_T = 2 * cfg.eval.batch_size * L
-        est.steady.append(Line("eval forward (transient)", eval_T * (2 * shape.vocab_size * d + 3 * shape.intermediate_size * d)
-                               + min(eval_T, 1024) * shape.vocab_size * 4, f"{eval_T} tokens at eval.batch_size, no gradients", "eval"))
+        est.steady.append(Line("eval forward (transient)", _frozen_forward(eval_T, shape, d, chunk),
+                               f"{eval_T} tokens at eval.batch_size, no gradients", "eval"))
 
-    # Frozen engines.
-    frozen_shapes = frozen_shapes or {}
+
+def _frozen_forward(tokens: int, shape: ModelShape, d: int, chunk_tokens: int) -> float:
+    """A no-grad forward over ``tokens`` tokens: its head output and one layer's MLP."""
+    return head_bytes(tokens, shape, d, chunk_tokens, grad=False)[0] + tokens * 3 * shape.intermediate_size * d
+
+
+def _frozen_models(est: Estimate, cfg, zero: dict[str, Any], frozen_shapes: dict[str, ModelShape]) -> None:
+    """Each frozen engine's partitions and gathered params; a cached one counts in the pre-pass instead."""
+    stage, shard, chunk = int(zero.get("stage", 0)), _shards(zero, est.ranks), cfg.train.logps_chunk_tokens
+    gathered_limit = _zero_setting(zero, "stage3_max_live_parameters") + _zero_setting(zero, "stage3_prefetch_bucket_size")
+    prepass: dict[str, list[Line]] = {}
     for fm in est.frozen:
-        fshape = frozen_shapes.get(fm.path, shape)
+        fshape = frozen_shapes.get(fm.path, est.shape)
         fP, fd = fshape.num_params(), _bytes(fm.dtype)
-        frozen_params = Line(f"{fm.role} params", fd * fP / shard[0], f"{fm.dtype}, 1/{shard[0]}, no persistent params")
-        frozen_run = [
-            Line(f"{fm.role} gathered params", fd * min(fP, _zero_setting(zero, "stage3_max_live_parameters")
-                                                        + _zero_setting(zero, "stage3_prefetch_bucket_size"))
-                 if stage == 3 else 0.0, "while it runs"),
-        ]
+        lines = [Line(f"{fm.role} params", fd * fP / shard[0], f"{fm.dtype}, 1/{shard[0]}, no persistent params"),
+                 Line(f"{fm.role} gathered params", fd * min(fP, gathered_limit) if stage == 3 else 0.0, "while it runs")]
         if fm.cached:
-            eval_T = 2 * cfg.eval.batch_size * L
-            est.prepass += [frozen_params, *frozen_run,
-                            Line(f"{fm.role} forward (pre-pass)", eval_T * (2 * fshape.vocab_size * fd + 3 * fshape.intermediate_size * fd)
-                                 + min(eval_T, 1024) * fshape.vocab_size * 4, f"{eval_T} tokens at eval.batch_size")]
+            eval_T = 2 * cfg.eval.batch_size * cfg.data.max_length
+            lines.append(Line(f"{fm.role} forward (pre-pass)", _frozen_forward(eval_T, fshape, fd, chunk),
+                              f"{eval_T} tokens at eval.batch_size"))
+            prepass[fm.role] = lines
             est.steady.append(Line(f"{fm.role} log-prob cache", 0.0, "cached: engine dropped after the pre-pass"))
         else:
-            est.steady += [frozen_params, *frozen_run]
+            est.steady += lines
     non_cached = [fm for fm in est.frozen if not fm.cached]
     if non_cached:
         # Runs after the policy's forward, whose activations are alive: one transient layer and its logits.
-        fshape = frozen_shapes.get(non_cached[0].path, shape)
+        fshape = frozen_shapes.get(non_cached[0].path, est.shape)
+        T = 2 * cfg.train.micro_batch_size * cfg.data.max_length
         fd = max(_bytes(fm.dtype) for fm in non_cached)
-        est.steady.append(Line("frozen forward (transient)", T * (2 * fshape.vocab_size * fd + 3 * fshape.intermediate_size * fd)
-                               + min(T, 1024) * fshape.vocab_size * 4, f"{T} tokens: logits, picked rows, one layer's MLP", "fwd"))
-    if est.prepass:
+        est.steady.append(Line("frozen forward (transient)", _frozen_forward(T, fshape, fd, chunk),
+                               f"{T} tokens: logits, picked rows, one layer's MLP", "fwd"))
+    if prepass:
         # The pre-pass runs before the policy is built: only the overhead and the frozen engines (one at a time,
         # so the largest counts).
-        per_model: dict[str, float] = {}
-        for line in est.prepass:
-            per_model[line.name.split(" ")[0]] = per_model.get(line.name.split(" ")[0], 0.0) + line.bytes
-        largest = max(per_model, key=per_model.get)
-        est.prepass = [line for line in est.prepass if line.name.split(" ")[0] == largest]
-    return est
+        est.prepass = max(prepass.values(), key=lambda lines: sum(line.bytes for line in lines))
 
 
 def deepspeed_model_states(total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int,
@@ -406,6 +448,9 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
            f"vocab {s.vocab_size}); {est.ranks} ranks ({est.gpus_per_node} per node), device {est.device}"]
     frozen = ", ".join(f"{f.role} ({f.dtype}{', cached' if f.cached else ''})" for f in est.frozen) or "none"
     out.append(f"frozen models the plugins build: {frozen}")
+    if est.plan is not None:
+        assumed = " (data.train not readable here: preference pairs assumed)" if est.data_paired is None else ""
+        out.append(f"model plan: {est.plan.describe()}{assumed}")
     out.append("")
     out.append(f"{'per rank, training':<34} {'GiB':>9}  note")
     for line in est.steady:
@@ -452,17 +497,22 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
         raise EstimateError(f"--config {args.config}: no such file; pass the path of the run's YAML config (see configs/)")
     cfg, plugins = configure(ns)
     shape, _ = load_shape(args.model_config, cfg.model.name_or_path)
+    paired = data_is_paired(cfg)
+    plan = make_plan(cfg, plugins, paired_data=paired is not False)
     frozen_shapes = {}
-    for fm in planned_frozen_models(cfg, plugins):
+    for fm in planned_frozen_models(cfg, plugins, plan):
         if fm.path != cfg.model.name_or_path and args.model_config is None:
             frozen_shapes[fm.path] = load_shape(None, fm.path)[0]
-    return estimate(cfg, plugins, shape, args.gpus, args.nodes, args.device, frozen_shapes)
+    est = estimate(cfg, plugins, shape, args.gpus, args.nodes, args.device, frozen_shapes, plan)
+    est.data_paired = paired
+    return est
 
 
 def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
     return {
         "params": est.shape.num_params(), "ranks": est.ranks, "device": est.device,
         "frozen": [f.__dict__ for f in est.frozen],
+        "plan": est.plan.to_dict() if est.plan is not None else None, "data_paired": est.data_paired,
         "steady_gib": {line.name: line.bytes / GIB for line in est.steady},
         "prepass_gib": {line.name: line.bytes / GIB for line in est.prepass},
         "host_gib_per_rank": {line.name: line.bytes / GIB for line in est.host},

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from aligner.data import Example, UnpairedExample, make_collate
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
+from aligner.plan import ModelPlan, make_plan
 from aligner.regression import likelihood_margins, preference_flips
 from aligner.step import gather_inputs, total_loss
 
@@ -90,7 +91,7 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
 
 
 def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedExample], config,
-             pad_token_id: int, static: dict | None = None) -> tuple[dict[str, float], StepInputs]:
+             pad_token_id: int, static: dict | None = None, plan: ModelPlan | None = None) -> tuple[dict[str, float], StepInputs]:
     """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from.
 
     With an anchor and paired data, also the regression metrics against it
@@ -98,7 +99,7 @@ def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedE
     """
     was_training = engines.policy.training
     engines.policy.eval()
-    kl_pairs = "kl_pairs" in plugins.required_inputs(config)
+    kl_pairs = (plan or make_plan(config, plugins)).needs("kl_pairs")  # the run's plan; made here when called alone
     inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length,
                             static, config.train.packing, config.train.logps_chunk_tokens)
     if was_training:

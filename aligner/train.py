@@ -24,7 +24,8 @@ from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, mak
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
-from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, available_plugins, list_plugins_table
+from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
+from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, inactive_sections, list_plugins_table
 from aligner.step import gather_inputs, total_loss
 
 log = logging.getLogger("aligner")
@@ -61,21 +62,13 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     raw = apply_overrides(read_yaml(config_path), overrides)
     if args.plugins is not None:
         raw["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
-    names = raw.get("plugins") or ["dpo"]
+    names = raw.get("plugins") or []  # activate adds the default loss when none is named
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
     plugins = activate(names)
     raw["plugins"] = list(plugins.infos)
     sections = plugins.config_sections()
-    inactive = {}
-    for name, ap in available_plugins().items():
-        if name not in plugins.infos:
-            try:
-                section = getattr(ap.load(), "aligner_config_section", lambda: None)()
-            except PluginError:
-                continue
-            if section:
-                inactive[section[0]] = name
+    inactive = inactive_sections(plugins)
     return build_config(raw, sections, inactive, source=str(config_path)), plugins
 
 
@@ -125,53 +118,65 @@ def summarize(examples: list, label: str) -> DatasetSummary:
     return DatasetSummary(label, True, len(examples), len(examples), len(examples))
 
 
-def frozen_model_paths(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path) -> dict[str, Path]:
-    """The checkpoint of each frozen or updated model some plugin asked for (``reference``, ``anchor``)."""
+def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
+    """The checkpoint folder of every model in the plan (the policy's first: it may be built by rank 0 only)."""
+    rank = rank_and_world()[0]
+    # The embedded model is built once, by rank 0; the others wait and load it.
+    if rank == 0:
+        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
+    dist.barrier()
+    if rank != 0:
+        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
     keys = {"reference": "model.reference_path", "anchor": "anchor path (from its plugin)"}
-    paths: dict[str, Path] = {}
-    for name in sorted(plugins.required_models(cfg)):
-        chosen = plugins.hook.aligner_model_path(model=name, config=cfg)
-        chosen = chosen or (cfg.model.reference_path if name == "reference" else None)
-        paths[name] = models.resolve_path(chosen, keys[name]) if chosen else policy_path
+    paths = {"policy": policy_path}
+    for spec in plan.frozen():
+        paths[spec.name] = policy_path if spec.source == POLICY_INITIAL else models.resolve_path(spec.source, keys[spec.name])
     return paths
 
 
-def build_engines(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path, paths: dict[str, Path],
-                  cached: set[str] = frozenset()) -> Engines:
-    """Build only the models some plugin asked for and no cache serves; one engine when reference and
-    anchor are the same weights."""
+def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> Engines:
+    """The policy's training engine and an inference engine for each ``live`` model of the plan; a model that
+    ``shares`` another's is that engine."""
     ds_conf = models.deepspeed_config(cfg)
-    frozen_conf = models.frozen_deepspeed_config(ds_conf)
-    policy = models.build_policy_engine(policy_path, cfg, ds_conf)
-    reference = anchor = None
-    if "reference" in paths and "reference" not in cached:
-        # A reference that a plugin moves is kept in fp32 (aligner/trust_region.py: bf16 loses small updates).
-        moving = plugins.reference_update is not None
-        reference = models.build_frozen_engine(paths["reference"], cfg, models.frozen_deepspeed_config(ds_conf, fp32=moving),
-                                               fp32=moving)
-    if "anchor" in paths and "anchor" not in cached:
-        # While nothing moves the reference and both come from the same checkpoint, they are
-        # the same weights: share one engine instead of building two.
-        if reference is not None and plugins.reference_update is None and paths["anchor"] == paths["reference"]:
-            anchor = reference
-        else:
-            anchor = models.build_frozen_engine(paths["anchor"], cfg, frozen_conf)
-    return Engines(policy=policy, reference=reference, anchor=anchor)
+    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf)}
+    for spec in plan.with_state("live", own=False):
+        if spec.shares:
+            built[spec.name] = built[spec.shares]
+            continue
+        fp32 = spec.dtype == "float32"  # a moved reference (aligner/trust_region.py: bf16 loses small updates)
+        built[spec.name] = models.build_frozen_engine(paths[spec.name], cfg, models.frozen_deepspeed_config(ds_conf, fp32=fp32),
+                                                      fp32=fp32)
+    return Engines(**built)
 
 
-def cache_static_models(cfg: RunConfig, plugins: ActivePlugins, paths: dict[str, Path], splits: dict,
+def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], splits: dict,
                         pad_id: int) -> dict[str, static_logps.StaticLogps]:
-    """Cached log-probs of the models that never change: the anchor, and the reference while no plugin moves it."""
-    if not cfg.train.cache_static_logps or any(isinstance(split[0], UnpairedExample) for split in splits.values() if split):
-        return {}  # the cache holds paired examples only
-    # The reference stays live when a plugin moves it, or when a loss needs it on the step's mismatched pairs (kto).
-    live_reference = plugins.reference_update is not None or "kl_pairs" in plugins.required_inputs(cfg)
-    static = {n: p for n, p in paths.items() if n == "anchor" or not live_reference}
+    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one)."""
+    cached = {spec.name: paths[spec.name] for spec in plan.with_state("cached", own=False)}
+    if not cached:
+        return {}
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
     return static_logps.prepare(
-        static, splits, cfg.output_dir, cfg.model.dtype, attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
+        cached, splits, cfg.output_dir, cfg.model.dtype, attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
         cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
         train_batch_size=cfg.train.micro_batch_size, chunk_tokens=cfg.train.logps_chunk_tokens)
+
+
+def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str, dict]:
+    """Per model of the plan, what the run holds, read from the objects themselves (for ``plan.json``)."""
+    out = {}
+    for name in plan.models:
+        engine = getattr(engines, name)
+        if engine is not None:
+            holds, dtype = "engine", str(next(engine.module.parameters()).dtype).removeprefix("torch.")
+            shares = "reference" if name == "anchor" and engine is engines.reference else None
+        elif name in static:
+            holds, dtype = "cache", None
+            shares = "reference" if name == "anchor" and static.get("reference") is static[name] else None
+        else:
+            holds, dtype, shares = "nothing", None, None
+        out[name] = {"holds": holds, "shares": shares, "dtype": dtype}
+    return out
 
 
 def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_path: Path) -> dict:
@@ -183,158 +188,224 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
             "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage}
 
 
-def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
-    models.init_distributed(cfg.train.dist_timeout_s)
-    rank, world = rank_and_world()
-    out = Path(cfg.output_dir)
-    resume_from = prepare_output_dir(cfg, args, rank)
-    torch.manual_seed(cfg.train.seed)
+def is_paired(*splits: list) -> bool:
+    return not any(split and isinstance(split[0], UnpairedExample) for split in splits)
 
-    # The embedded model is built once, by rank 0; the others wait and load it.
-    if rank == 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    dist.barrier()
-    if rank != 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
-    meta = checkpoint_meta(cfg, plugins, world, policy_path)
-    if resume_from is not None:  # refuse a checkpoint of another run before building anything
-        checkpoint.check_compatible(resume_from, checkpoint.read_meta(resume_from), meta)
 
-    train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
-    eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
-    if rank == 0:
-        plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(plugins.infos), len(train_set), len(eval_set), world)
+class Recipe:
+    """One training run, top to bottom: :meth:`setup` -> :meth:`train` (one :meth:`train_step` per optimizer
+    step, :meth:`after_step` deciding what happens between steps) -> :meth:`finish` (save, eval, export).
 
-    pad_id = tokenizer.pad_token_id
-    paths = frozen_model_paths(cfg, plugins, policy_path)
-    static = cache_static_models(cfg, plugins, paths, {"train": train_set, "eval": eval_set}, pad_id)
-    engines = build_engines(cfg, plugins, policy_path, paths, cached=set(static))
-    train_static = {name: cache.split("train") for name, cache in static.items()}
-    eval_static = {name: cache.split("eval") for name, cache in static.items()}
-    policy = engines.policy
-    if rank == 0:
-        built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None]
-        shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
-        log.info("models built: %s%s", ", ".join(built), shared)
-    kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
-    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
-    start_step = 0
-    if resume_from is not None:
-        state = checkpoint.load(policy, resume_from)
-        start_step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
+    Every piece of the run's state is an attribute set in :meth:`setup`.
+    """
+
+    def __init__(self, cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> None:
+        self.cfg, self.plugins, self.args = cfg, plugins, args
+        self.out = Path(cfg.output_dir)
+        self.final_metrics: dict[str, float] = {}
+
+    # -- setup: config, plugins, plan, data, engines ------------------------------------------------------------
+    def setup(self) -> Recipe:
+        cfg = self.cfg
+        models.init_distributed(cfg.train.dist_timeout_s)
+        self.rank, self.world = rank_and_world()
+        self.resume_from = prepare_output_dir(cfg, self.args, self.rank)
+        torch.manual_seed(cfg.train.seed)
+        plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
+        self.paths = model_paths(cfg, plan_without_data)
+        self.tokenizer = models.load_tokenizer(self.paths["policy"], cfg.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.meta = checkpoint_meta(cfg, self.plugins, self.world, self.paths["policy"])
+        if self.resume_from is not None:  # refuse a checkpoint of another run before building anything
+            checkpoint.check_compatible(self.resume_from, checkpoint.read_meta(self.resume_from), self.meta)
+        self.setup_data()
+        self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
+        self.setup_models()
+        self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world, cfg.train.seed,
+                                   cfg.data.shuffle)
+        self.start_step = self.restore() if self.resume_from is not None else 0
+        self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
+        self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length)
+        return self
+
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = load_examples(cfg.data.train, self.tokenizer, cfg, f"data.train ({cfg.data.train})", self.plugins)
+        self.eval_set = (load_examples(cfg.data.eval, self.tokenizer, cfg, f"data.eval ({cfg.data.eval})", self.plugins)
+                         if cfg.data.eval else [])
+        if self.rank == 0:
+            self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
+                                   config=cfg)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(self.plugins.infos),
+                     len(self.train_set), len(self.eval_set), self.world)
+
+    def setup_models(self) -> None:
+        """The static caches first (their pre-pass runs before the policy exists), then the engines."""
+        static = cache_static_models(self.cfg, self.plan, self.paths, {"train": self.train_set, "eval": self.eval_set},
+                                     self.pad_id)
+        self.engines = build_engines(self.cfg, self.plan, self.paths)
+        self.policy = self.engines.policy
+        self.train_static = {name: cache.split("train") for name, cache in static.items()}
+        self.eval_static = {name: cache.split("eval") for name, cache in static.items()}
+        built = what_was_built(self.plan, self.engines, static)  # collective-free: read from the objects
+        if self.rank == 0:
+            engines = [m for m in ("policy", "reference", "anchor") if getattr(self.engines, m) is not None]
+            shared = " (anchor = reference, one engine)" if built.get("anchor", {}).get("holds") == "engine" and \
+                built["anchor"]["shares"] else ""
+            log.info("models built: %s%s", ", ".join(engines), shared)
+            log.info("model plan: %s", self.plan.describe())
+            write_plan(self.plan, built, self.out)
+
+    def restore(self) -> int:
+        """Load the checkpoint being resumed into the engines, the sampler, the plugins and the RNG; its step."""
+        state = checkpoint.load(self.policy, self.resume_from)
+        self.sampler.load_state_dict(state["sampler"])
         for name, plugin_state in state.get("plugins", {}).items():
-            plugins.call_one(name, "aligner_load_state_dict", state=plugin_state)
-        plugins.call_each("aligner_load_checkpoint", directory=resume_from, engines=engines, config=cfg)
+            self.plugins.call_one(name, "aligner_load_state_dict", state=plugin_state)
+        self.plugins.call_each("aligner_load_checkpoint", directory=self.resume_from, engines=self.engines, config=self.cfg)
         checkpoint.set_rng_state(state["rng"])
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume_from, start_step)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", self.resume_from, int(state["step"]))
+        return int(state["step"])
 
-    tb = TensorBoardLogger(out / "tensorboard", rank, purge_step=start_step + 1)
-    final_metrics: dict[str, float] = {}
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Every optimizer step from the start (or the resumed step) to ``train.max_steps``; the last step done."""
+        cfg = self.cfg
+        if self.start_step == 0:
+            self.run_eval(0)
+        self.batches = iter(self.sampler)
+        self.meter = perf.PerfMeter(self.engines, cfg.model.dtype)
+        bar = progress_bar(cfg.train.max_steps, self.start_step, self.rank)
+        step = self.start_step
+        for step in range(self.start_step + 1, cfg.train.max_steps + 1):
+            values = self.train_step(step)
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values.get('rewards/accuracies', float('nan')):.2f}")
+            bar.update(1)
+            self.after_step(step)
+        bar.close()
+        return step
 
-    def run_eval(step: int) -> None:
-        if not eval_set:
-            return
-        metrics, inputs = evaluate(plugins, engines, eval_set, cfg, pad_id, eval_static)
-        tb.log(step, metrics)
-        final_metrics.update(metrics)
-        if rank == 0:  # per-example policy log-probs, to check an exported model against the engine
-            with (out / "eval_logps.jsonl").open("w") as f:
-                if inputs.paired:
-                    for i, example_id in enumerate(inputs.example_ids):
-                        f.write(json.dumps({"id": example_id, "step": step, "chosen": float(inputs.policy.chosen[i]),
-                                            "rejected": float(inputs.policy.rejected[i])}) + "\n")
-                else:  # unpaired: ids of the desirable completions, then of the undesirable ones
-                    values = torch.cat([inputs.policy.chosen, inputs.policy.rejected])
-                    for i, example_id in enumerate(inputs.example_ids):
-                        f.write(json.dumps({"id": example_id, "step": step, "label": i < len(inputs.policy.chosen),
-                                            "completion": float(values[i])}) + "\n")
+    def logged(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
-    def save(step: int, sampler_state: dict | None = None, rng: dict | None = None) -> None:
-        states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
-        client = {"step": step, "sampler": sampler_state or sampler.state_dict(), "plugins": states}
-        checkpoint.save(policy, out, step, client, write_extra=lambda folder: plugins.call_each(
-            "aligner_save_checkpoint", directory=folder, engines=engines, config=cfg),
-            meta=meta, keep_last=cfg.train.keep_last, rng=rng)
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over ``train.grad_accum`` micro-batches, the after-step hooks, and its metrics."""
+        cfg, started = self.cfg, time.perf_counter()
+        self.meter.start()
+        metrics = StepMetrics()
+        resume_point = (self.sampler.state_dict(), checkpoint.rng_state())  # for a stop before this step's update
+        skipped, step_ids, done = 0, [], 0
+        while done < cfg.train.grad_accum:
+            batch = self.collate([self.train_set[i] for i in next(self.batches)])
+            inputs = gather_inputs(batch, self.engines, self.train_static, cfg.train.logps_chunk_tokens)
+            loss, step_metrics = total_loss(self.plugins, inputs, cfg)
+            if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
+                skipped = self.skip_nonfinite(step, skipped, batch, loss, resume_point)
+                continue
+            step_ids += batch["ids"]
+            self.policy.backward(loss)
+            if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(self.policy):
+                self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
+            self.policy.step()
+            done += 1
+            metrics.add(step_metrics)
+            self.meter.count(batch)
+        logged = self.logged(step)
+        after = {}
+        for _, result in self.plugins.call_each("aligner_after_optimizer_step", step=step, engines=self.engines,
+                                                config=cfg, logged=logged):
+            after.update(result or {})
+        values = reduce_mean(metrics.means())
+        values.update(self.meter.step_metrics(time.perf_counter() - started))
+        values.update(after)
+        values["lr"] = self.policy.get_lr()[0]
+        if cfg.train.on_nonfinite == "skip":
+            values["train/nonfinite_skipped"] = float(skipped)
+        values["grad_norm"] = float(self.policy.get_global_grad_norm() or 0.0)
+        if logged:
+            self.tb.log(step, values)
+        self.final_metrics.update(values)
+        return values
 
-    def stop_nonfinite(step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
+    def after_step(self, step: int) -> None:
+        """The one place, per optimizer step, that decides what happens before the next: eval, save."""
+        cfg = self.cfg
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            self.run_eval(step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
+            self.save(step)
+
+    def skip_nonfinite(self, step: int, skipped: int, batch: dict, loss: torch.Tensor, resume_point: tuple) -> int:
+        """A micro-batch with a non-finite loss: stop (``train.on_nonfinite: stop``, or too many) or skip it."""
+        bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch["ids"])
+        if self.cfg.train.on_nonfinite == "stop" or skipped >= MAX_SKIPPED_PER_STEP:
+            self.stop_nonfinite(step, "loss", bad_ids, resume_point)
+        if self.rank == 0:
+            log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
+        return skipped + 1
+
+    def stop_nonfinite(self, step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
         """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
-        if not checkpoint.is_complete(checkpoint.checkpoint_root(out) / f"step_{step - 1}"):
-            save(step - 1, *resume_point)
+        if not checkpoint.is_complete(checkpoint.checkpoint_root(self.out) / f"step_{step - 1}"):
+            self.save(step - 1, *resume_point)
         raise nonfinite.NonFiniteError(
             f"non-finite {what} at step {step} (examples {', '.join(ids)}); saved checkpoint step_{step - 1} "
             f"(the state before this step). Check those examples and the learning rate, then resume with "
             f"--resume auto, or set train.on_nonfinite=skip to drop such micro-batches"
         )
 
-    if start_step == 0:
-        run_eval(0)
-    batches = iter(sampler)
-    collate = make_collate(cfg.train.packing, pad_id, kl_pairs, cfg.data.max_length)
-    meter = perf.PerfMeter(engines, cfg.model.dtype)
-    bar = progress_bar(cfg.train.max_steps, start_step, rank)
-    step = start_step
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
-        started = time.perf_counter()
-        meter.start()
-        metrics = StepMetrics()
-        resume_point = (sampler.state_dict(), checkpoint.rng_state())  # for a stop before this step's update
-        skipped, step_ids, done = 0, [], 0
-        while done < cfg.train.grad_accum:
-            batch = collate([train_set[i] for i in next(batches)])
-            inputs = gather_inputs(batch, engines, train_static, cfg.train.logps_chunk_tokens)
-            loss, step_metrics = total_loss(plugins, inputs, cfg)
-            if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
-                bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch["ids"])
-                if cfg.train.on_nonfinite == "stop" or skipped >= MAX_SKIPPED_PER_STEP:
-                    stop_nonfinite(step, "loss", bad_ids, resume_point)
-                skipped += 1
-                if rank == 0:
-                    log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
-                continue
-            step_ids += batch["ids"]
-            policy.backward(loss)
-            if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(policy):
-                stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
-            policy.step()
-            done += 1
-            metrics.add(step_metrics)
-            meter.count(batch)
-        after = {}
-        for _, result in plugins.call_each("aligner_after_optimizer_step", step=step, engines=engines, config=cfg):
-            after.update(result or {})
-        elapsed = time.perf_counter() - started
-        values = reduce_mean(metrics.means())
-        values.update(meter.step_metrics(elapsed))
-        values.update(after)
-        values["lr"] = policy.get_lr()[0]
-        if cfg.train.on_nonfinite == "skip":
-            values["train/nonfinite_skipped"] = float(skipped)
-        values["grad_norm"] = float(policy.get_global_grad_norm() or 0.0)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            tb.log(step, values)
-        bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values.get('rewards/accuracies', float('nan')):.2f}")
-        bar.update(1)
-        final_metrics.update(values)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            run_eval(step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
-            save(step)
-    bar.close()
+    # -- eval, save, export ------------------------------------------------------------------------------------
+    def run_eval(self, step: int) -> None:
+        if not self.eval_set:
+            return
+        metrics, inputs = evaluate(self.plugins, self.engines, self.eval_set, self.cfg, self.pad_id, self.eval_static, self.plan)
+        self.tb.log(step, metrics)
+        self.final_metrics.update(metrics)
+        if self.rank == 0:  # per-example policy log-probs, to check an exported model against the engine
+            write_eval_logps(self.out / "eval_logps.jsonl", inputs, step)
 
-    if step > start_step or not checkpoint.list_checkpoints(out):
-        save(step)
-    run_eval(step)
-    checkpoint.export_hf(policy, tokenizer, out / "final")
-    if rank == 0:
-        (out / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2, sort_keys=True))
-    tb.close()
-    return final_metrics
+    def save(self, step: int, sampler_state: dict | None = None, rng: dict | None = None) -> None:
+        plugins = self.plugins
+        states = {name: s for name, s in plugins.call_each("aligner_state_dict") if s is not None}
+        client = {"step": step, "sampler": sampler_state or self.sampler.state_dict(), "plugins": states}
+        checkpoint.save(self.policy, self.out, step, client, write_extra=lambda folder: plugins.call_each(
+            "aligner_save_checkpoint", directory=folder, engines=self.engines, config=self.cfg),
+            meta=self.meta, keep_last=self.cfg.train.keep_last, rng=rng)
+
+    def finish(self, step: int) -> dict[str, float]:
+        """The last checkpoint, the final eval and the HF export."""
+        if step > self.start_step or not checkpoint.list_checkpoints(self.out):
+            self.save(step)
+        self.run_eval(step)
+        checkpoint.export_hf(self.policy, self.tokenizer, self.out / "final")
+        if self.rank == 0:
+            (self.out / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2, sort_keys=True))
+        self.tb.close()
+        return self.final_metrics
+
+
+def write_eval_logps(path: Path, inputs, step: int) -> None:
+    """Per-example policy log-probs of the eval split (paired: chosen and rejected; unpaired: one completion)."""
+    with path.open("w") as f:
+        if inputs.paired:
+            for i, example_id in enumerate(inputs.example_ids):
+                f.write(json.dumps({"id": example_id, "step": step, "chosen": float(inputs.policy.chosen[i]),
+                                    "rejected": float(inputs.policy.rejected[i])}) + "\n")
+        else:  # unpaired: ids of the desirable completions, then of the undesirable ones
+            values = torch.cat([inputs.policy.chosen, inputs.policy.rejected])
+            for i, example_id in enumerate(inputs.example_ids):
+                f.write(json.dumps({"id": example_id, "step": step, "label": i < len(inputs.policy.chosen),
+                                    "completion": float(values[i])}) + "\n")
+
+
+def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
+    """The recipe: setup, the loop, then save, eval and export."""
+    recipe = Recipe(cfg, plugins, args).setup()
+    last_step = recipe.train()
+    return recipe.finish(last_step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,3 +47,35 @@ def random_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def check_plan_against_estimate(out: Path, plugins: str | None = None, logs: str | None = None) -> dict:
+    """The model plan a finished run wrote (``out/plan.json``) equals the one ``aligner-estimate --json`` prints for
+    the run's own config (``out/config.json``), and the engines and caches the run holds are what the plan says.
+
+    ``plugins``: the run's ``--plugins`` when they include ``module:attr`` targets (config.json keeps their names).
+    ``logs``: the run's output, whose ``models built:`` line must name the plan's engines.
+    """
+    import contextlib
+    import io
+    import json
+
+    from aligner import estimate
+
+    written = json.loads((out / "plan.json").read_text())
+    args = ["--config", str(out / "config.json"), "--device", "cpu", "--json", *(["--plugins", plugins] if plugins else [])]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert estimate.main(args) == 0
+    predicted = json.loads(printed.getvalue())["plan"]
+    assert predicted == {"models": written["models"], "inputs": written["inputs"]}
+    for name, spec in written["models"].items():
+        built = written["built"][name]
+        assert built["holds"] == ("cache" if spec["state"] == "cached" else "engine"), (name, written)
+        assert built["shares"] == spec["shares"], (name, written)
+        if built["holds"] == "engine":
+            assert built["dtype"] == spec["dtype"], (name, written)
+    if logs is not None:
+        engines = [n for n in ("policy", "reference", "anchor") if written["built"].get(n, {}).get("holds") == "engine"]
+        assert f"models built: {', '.join(engines)}" in logs
+    return written

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, launch, read_scalars
+from conftest import ROOT, check_plan_against_estimate, launch, read_scalars
 
 N_TRAIN, N_EVAL = 2048, 256
 ARGS = ["--config", "configs/tiny-cpu.yaml", "--plugins", "dpo,flipguard", "--set", "train.max_steps=6",
@@ -151,3 +151,12 @@ def test_missing_anchor_path_is_a_clear_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"flipguard.anchor_path: {tmp_path / 'nowhere'} is not a model folder" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cached", "uncached"])
+def test_the_estimator_prints_the_plan_the_flipguard_runs_built(runs, kind):
+    written = check_plan_against_estimate(runs[kind])
+    # One engine or one cache for the anchor and the reference (the same weights while nothing moves them).
+    assert written["built"]["anchor"]["shares"] == "reference"
+    assert written["built"]["anchor"]["holds"] == ("cache" if kind == "cached" else "engine")

@@ -6,7 +6,7 @@ import pytest
 
 from aligner.data.sampler import PairSampler
 from aligner.data.synthetic import make_rows
-from conftest import launch, read_scalars
+from conftest import check_plan_against_estimate, launch, read_scalars
 
 STEPS = 30
 COMMON = [f"train.max_steps={STEPS}", "train.save_every=0", "eval.every=0", "eval.batch_size=64"]
@@ -113,3 +113,14 @@ def test_simpo_builds_no_reference_and_eval_accuracy_rises(simpo_run):
     assert 0.8 < before < after
     loss, margins = dict(scalars["eval/loss"]), dict(scalars["eval/rewards/margins"])
     assert loss[STEPS] < loss[0] - 0.03 and margins[STEPS] > margins[0] + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ipo", "kto", "hinge", "simpo"])
+def test_the_estimator_prints_the_plan_each_loss_run_built(name, request):
+    out, logs = request.getfixturevalue(f"{name}_run")
+    written = check_plan_against_estimate(out, logs=logs)
+    if name == "kto":  # kto scores mismatched pairs with the reference every step: a live engine, cache or not
+        assert written["models"]["reference"]["state"] == "live" and written["inputs"] == ["kl_pairs", "unpaired"]
+    if name == "simpo":
+        assert list(written["models"]) == ["policy"]

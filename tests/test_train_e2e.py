@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, launch, read_scalars
+from conftest import ROOT, check_plan_against_estimate, launch, read_scalars
 
 TAGS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
         "logps/chosen", "logps/rejected", "lr", "grad_norm", "perf/tokens_per_s"]
@@ -64,6 +64,14 @@ def test_checkpoints_and_exported_model_match_the_engine(dpo_run):
         assert engine_logps[ex.id]["step"] == 40
         assert abs(engine_logps[ex.id]["chosen"] - float(chosen[i])) < 1e-4
         assert abs(engine_logps[ex.id]["rejected"] - float(rejected[i])) < 1e-4
+
+
+@pytest.mark.slow
+def test_the_estimator_prints_the_plan_the_dpo_run_built(dpo_run):
+    written = check_plan_against_estimate(dpo_run)
+    # DPO with the static cache on (the default): the reference's log-probs come from the cache, no engine.
+    assert written["built"] == {"policy": {"holds": "engine", "shares": None, "dtype": "float32"},
+                                "reference": {"holds": "cache", "shares": None, "dtype": None}}
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import launch, read_scalars
+from conftest import check_plan_against_estimate, launch, read_scalars
 
 PROBE = "plugin_fixtures.tr_probe:tr_probe"
 # The runs also compose the roles: TR-DPO with FlipGuard (soft), TR-IPO (hard).
@@ -176,3 +176,12 @@ def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_
     assert proc.returncode == 2
     assert "reference_rank00000.safetensors was written by a run with 4 ranks and this run has 2" in proc.stderr
     assert "resume with 4 ranks" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run,plugins", [("soft_run", SOFT_PLUGINS), ("hard_run", f"ipo,tr_hard,{PROBE}")])
+def test_the_estimator_prints_the_plan_the_trust_region_runs_built(run, plugins, request):
+    written = check_plan_against_estimate(request.getfixturevalue(run), plugins=plugins)
+    reference = written["models"]["reference"]
+    assert reference["moves"] and reference["state"] == "live" and reference["dtype"] == "float32"
+    assert written["built"]["reference"]["shares"] is None and written["built"].get("anchor", {}).get("shares") is None
