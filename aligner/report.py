@@ -14,16 +14,25 @@ import math
 import sys
 from pathlib import Path
 
-#: One PNG per panel: (file stem, title, tag patterns). A panel with no matching tag is skipped.
+#: The core's panels, one PNG each: (file stem, title, tag patterns). A panel with no matching tag is skipped.
+#: Plugins add their own through the ``aligner_report_panels`` hook (:func:`panels`).
 PANELS: list[tuple[str, str, list[str]]] = [
     ("loss", "Loss", ["train/loss", "eval/loss"]),
     ("rewards", "Implicit rewards", ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"]),
     ("margins", "Reward margins", ["rewards/margins", "eval/rewards/margins"]),
     ("accuracies", "Preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies", "eval/*accuracy*"]),
-    ("flip_rate", "FlipGuard: flips against the anchor", ["flipguard/flip_rate", "eval/*flip*"]),
-    ("trust_region", "Trust region: reference-policy distance", ["tr/ref_policy_l2"]),
     ("throughput", "Throughput (real tokens/s, whole job)", ["perf/tokens_per_s"]),
 ]
+
+
+def panels() -> list[tuple[str, str, list[str]]]:
+    """The core's panels, then those every installed plugin declares (``aligner_report_panels``)."""
+    from aligner.registry import installed
+
+    out = list(PANELS)
+    for _, declared in installed().call_each("aligner_report_panels"):
+        out += [tuple(panel) for panel in declared or () if panel[0] not in {p[0] for p in out}]
+    return out
 
 
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -53,7 +62,7 @@ def write_plots(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> li
     import matplotlib.pyplot as plt
 
     written = []
-    for stem, title, patterns in PANELS:
+    for stem, title, patterns in panels():
         tags = panel_tags(patterns, list(series))
         if not tags:
             continue

@@ -20,19 +20,18 @@ The moved reference is saved beside each checkpoint, one safetensors file per
 rank holding that rank's partitions (:func:`save_reference`), and restored on
 resume (:func:`load_reference`).
 
-Both plugins, ``tr_soft`` and ``tr_hard`` (α = 1), are :class:`ReferenceUpdatePlugin`:
-they differ in their name, their options and α.
+These are the engine operations only; the ``tr_soft`` and ``tr_hard`` plugins
+(``plugins/reference_update.py``, their shared base) decide when to call them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from aligner.hookspecs import Engines, hookimpl
+from aligner.hookspecs import Engines
 
 
 class TrustRegionError(ValueError):
@@ -194,52 +193,3 @@ def load_reference(directory: Path, engines: Engines) -> Path:
                 )
             storage.copy_(saved)
     return path
-
-
-class ReferenceUpdatePlugin:
-    """The hooks a trust-region plugin shares: every τ steps θ_ref ← α·θ + (1−α)·θ_ref, saved with checkpoints.
-
-    A subclass sets ``name`` and implements ``aligner_plugin_info`` and
-    ``aligner_config_section``; its config section holds ``every`` (τ) and
-    ``alpha`` (α; a class constant 1.0 for the hard update). The instance counts
-    the updates made so far, which checkpoints keep.
-    """
-
-    name: str
-
-    def __init__(self) -> None:
-        self.updates = 0
-
-    @hookimpl
-    def aligner_required_models(self, config) -> set[str]:
-        """The reference, which this plugin moves."""
-        return {"reference"}
-
-    @hookimpl
-    def aligner_after_optimizer_step(self, step: int, engines: Engines, config) -> dict[str, float]:
-        """At steps τ, 2τ, …: θ_ref ← α·θ + (1−α)·θ_ref on the local shards; log the updates and ‖θ_ref−θ‖/‖θ‖."""
-        cfg = config.section(self.name)
-        if step % cfg.every == 0:
-            mix_into_reference(engines, cfg.alpha)
-            self.updates += 1
-        return {"tr/updates": float(self.updates), "tr/ref_policy_l2": relative_distance(engines)}
-
-    @hookimpl
-    def aligner_state_dict(self) -> dict[str, Any]:
-        """The update counter."""
-        return {"updates": self.updates}
-
-    @hookimpl
-    def aligner_load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the update counter."""
-        self.updates = int(state["updates"])
-
-    @hookimpl
-    def aligner_save_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank writes its reference shards to ``<checkpoint>/<name>/reference_rank<r>.safetensors``."""
-        save_reference(directory / self.name, engines)
-
-    @hookimpl
-    def aligner_load_checkpoint(self, directory: Path, engines: Engines, config) -> None:
-        """Each rank restores its moved reference shards, so a resumed run does not restart from the initial model."""
-        load_reference(directory / self.name, engines)

@@ -22,7 +22,7 @@ policy's fp32 master weights into the fp32 reference, with no all-gather; the
 moved reference is written into every checkpoint and restored on resume.
 
 Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
-(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update: 0 at τ, 2τ, …).
+(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only: 0 at τ, 2τ, …).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from aligner import trust_region
 from aligner.hookspecs import PluginInfo, hookimpl
+from aligner_plugins.reference_update import ReferenceUpdatePlugin
 
 NAME = "tr_hard"
 
@@ -46,9 +46,9 @@ class TRHardConfig:
             raise ValueError(f"tr_hard.every must be >= 1 (optimizer steps between updates), got {self.every}")
 
 
-class TRHard(trust_region.ReferenceUpdatePlugin):
+class TRHard(ReferenceUpdatePlugin):
     """The plugin object; the shared hooks (the update, its counter, checkpoints) are in
-    :class:`aligner.trust_region.ReferenceUpdatePlugin`."""
+    :class:`aligner_plugins.reference_update.ReferenceUpdatePlugin`."""
 
     name = NAME
 

@@ -24,15 +24,15 @@ the policy's fp32 master weights into an fp32 reference, with no all-gather;
 the moved reference is written into every checkpoint and restored on resume.
 
 Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
-(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update).
+(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aligner import trust_region
 from aligner.hookspecs import PluginInfo, hookimpl
+from aligner_plugins.reference_update import ReferenceUpdatePlugin
 
 NAME = "tr_soft"
 
@@ -49,9 +49,9 @@ class TRSoftConfig:
             raise ValueError(f"tr_soft.every must be >= 1 (optimizer steps between updates), got {self.every}")
 
 
-class TRSoft(trust_region.ReferenceUpdatePlugin):
+class TRSoft(ReferenceUpdatePlugin):
     """The plugin object; the shared hooks (the update, its counter, checkpoints) are in
-    :class:`aligner.trust_region.ReferenceUpdatePlugin`."""
+    :class:`aligner_plugins.reference_update.ReferenceUpdatePlugin`."""
 
     name = NAME
 
