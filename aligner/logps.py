@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from aligner.attention import varlen_kwargs
 from aligner.config import ConfigError
+
+if TYPE_CHECKING:
+    from aligner.hookspecs import SequenceLogps
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -183,3 +187,22 @@ def batch_logps(model, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor
     summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
     return summed, counts
+
+
+@torch.no_grad()
+def score_pairs(model, examples: list, batch_size: int, pad_token_id: int, chunk_tokens: int = 0) -> SequenceLogps:
+    """Summed response log-probs of every preference pair, ``batch_size`` pairs per padded forward, in order.
+
+    The scoring loop the static cache's pre-pass (per rank shard), the evaluation CLI (``launch/eval.py``) and
+    the tests share: chosen (B,), rejected (B,), float32 on the model's device.
+    """
+    from aligner.data import collate_pairs
+    from aligner.hookspecs import SequenceLogps
+
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        logps, _ = batch_logps(model, collate_pairs(examples[start:start + batch_size], pad_token_id), chunk_tokens)  # (2B,)
+        c, r = logps.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return SequenceLogps(chosen=torch.cat(chosen), rejected=torch.cat(rejected))

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner.data import Example, collate_pairs
+from aligner.data import Example
 from aligner.hookspecs import SequenceLogps
-from aligner.logps import batch_logps
+from aligner.logps import score_pairs
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -190,8 +190,8 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
     world = dist.get_world_size() if dist.is_initialized() else 1
     local = {}
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
-        logps, _ = batch_logps(engine, collate_pairs(batch_examples, pad_token_id), chunk_tokens)  # (2B,)
-        chosen, rejected = logps.float().cpu().chunk(2)
+        scored = score_pairs(engine, batch_examples, len(batch_examples), pad_token_id, chunk_tokens)  # one forward
+        chosen, rejected = scored.chosen.float().cpu(), scored.rejected.float().cpu()
         for i, ex in enumerate(batch_examples[:n_real]):
             local[(split, ex.id)] = (float(chosen[i]), float(rejected[i]), example_digest(ex))
     parts = [local]

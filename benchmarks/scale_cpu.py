@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # plugin_fixtures
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
-from results_md import free_port, write_section  # noqa: E402
+from results_md import write_section  # noqa: E402
+
+from aligner.launcher import deepspeed_command  # noqa: E402
 
 #: name -> (hidden, intermediate, layers, heads, kv heads); the byte-level embedded tokenizer (259 tokens).
 SIZES = {
@@ -94,11 +96,9 @@ def predict(config: Path, plugins: str, ranks: int) -> dict:
 
 def measure(config: Path, plugins: str, ranks: int, out: Path, timeout: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    deepspeed = Path(sys.executable).with_name("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"),
-           "--config", str(config), "--plugins", f"{plugins},rss_probe:probe", "--set", f"output_dir={out}"]
+    cmd = deepspeed_command(["--config", str(config), "--plugins", f"{plugins},rss_probe:probe", "--set", f"output_dir={out}"], ranks)
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -48,6 +48,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from results_md import command_line, free_port, write_section  # noqa: E402
+
+from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.report import read_scalars  # noqa: E402
 import workload  # noqa: E402
 
 CHUNK_TOKENS = 1024
@@ -150,17 +153,7 @@ def aligner_command(args: argparse.Namespace, row: Row, work: Path, spec: worklo
             "train.lr_schedule=constant", "train.save_every=0", *row.sets, *update_every_step(args.plugins), *args.sets]
     if row.name == "fast":
         sets += args.fast_sets
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    return [str(deepspeed), "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
-            str(ROOT / "launch" / "train.py"), "--plugins", args.plugins, "--overwrite", "--set", *sets]
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return deepspeed_command(["--plugins", args.plugins, "--overwrite", "--set", *sets], args.nproc)
 
 
 def summarize(step_time: list[float], cpu_s: list[float], tokens: list[float], losses: list[float], peak_gib: float,

@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
-from results_md import command_line, free_port, write_section  # noqa: E402
+from results_md import command_line, write_section  # noqa: E402
+
+from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.report import read_scalars  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 METHODS = {"dpo": "dpo", "dpo+flipguard": "dpo,flipguard", "dpo+tr_soft+flipguard": "dpo,tr_soft,flipguard"}
@@ -92,9 +95,8 @@ def train(method: str, seed: int, args: argparse.Namespace, out_dir: Path, cache
         sets += [f"flipguard.{k}={v}" for k, v in (("epsilon", args.epsilon), ("gamma", args.gamma)) if v is not None]
     if "tr_soft" in method:
         sets.append(f"tr_soft.every={args.soft_every}")
-    run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-         str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
-         "--plugins", METHODS[method], "--overwrite", "--set", *sets], f"training {method} seed {seed}")
+    run(deepspeed_command(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--plugins", METHODS[method],
+                           "--overwrite", "--set", *sets]), f"training {method} seed {seed}")
 
 
 def evaluate(run_dir: Path) -> dict[str, float]:
@@ -107,11 +109,7 @@ def evaluate(run_dir: Path) -> dict[str, float]:
 
 def step_times(run_dir: Path) -> list[float]:
     """``perf/step_time_s`` of every logged step, read back from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars("perf/step_time_s")]
+    return [value for _, value in read_scalars(run_dir / "tensorboard")["perf/step_time_s"]]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

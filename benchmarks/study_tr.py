@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
-from results_md import command_line, free_port, write_section  # noqa: E402
+from results_md import command_line, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -48,6 +48,7 @@ from aligner.data.synthetic import sft_rows  # noqa: E402
 from aligner.data.tokenize import Example  # noqa: E402
 from aligner.generate import generate  # noqa: E402
 from aligner.logps import batch_logps  # noqa: E402
+from aligner.launcher import deepspeed_command  # noqa: E402
 from aligner.registry import available_plugins  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -94,9 +95,8 @@ def train(loss: str, method: str, seed: int, args: argparse.Namespace, out_dir: 
         sets.append(f"tr_hard.every={args.hard_every}")
     overwrite = [s for s in sets if s.startswith("--")]
     sets = [s for s in sets if not s.startswith("--")]
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
-           "--plugins", plugins, *overwrite, "--set", *sets]
+    cmd = deepspeed_command(["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--plugins", plugins, *overwrite,
+                             "--set", *sets])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"training failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")

@@ -43,7 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # results_md, beside this script
-from results_md import free_port, write_section  # noqa: E402
+from results_md import write_section  # noqa: E402
+
+from aligner.launcher import deepspeed_command  # noqa: E402
 
 # Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings).
 SHAPES = {
@@ -217,9 +219,8 @@ def _nproc(args: argparse.Namespace) -> int:
 
 
 def launch(args: argparse.Namespace, argv: list[str], model_dir: Path, out: Path) -> None:
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(_nproc(args)), "--master_port", str(free_port()), str(Path(__file__).resolve()),
-           *argv, "--worker", "--model-dir", str(model_dir), "--out", str(out)]
+    cmd = deepspeed_command([*argv, "--worker", "--model-dir", str(model_dir), "--out", str(out)], _nproc(args),
+                            script=Path(__file__).resolve())
     env = dict(os.environ)
     if args.device == "cpu":
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, one thread per rank

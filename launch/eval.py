@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 from aligner import models
-from aligner.data import DataError, collate_pairs, load_rows, tokenize_dataset
+from aligner.data import DataError, load_rows, tokenize_dataset
 from aligner.data.synthetic import gold_reward
 from aligner.generate import generate
-from aligner.hookspecs import SequenceLogps
-from aligner.logps import batch_logps
+from aligner.logps import score_pairs
 from aligner.regression import generation_flips, likelihood_margins, preference_flips
 
 
@@ -45,17 +44,6 @@ def load(path_or_name: str, flag: str):
 
     path = models.resolve_path(path_or_name, flag)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path
-
-
-@torch.no_grad()
-def sequence_logps(model, examples, batch_size: int, pad_token_id: int) -> SequenceLogps:
-    chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        logps, _ = batch_logps(model, collate_pairs(examples[start:start + batch_size], pad_token_id))
-        c, r = logps.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return SequenceLogps(chosen=torch.cat(chosen), rejected=torch.cat(rejected))
 
 
 def task_prompts(rows) -> list[str] | None:
@@ -83,8 +71,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     pad = tokenizer.pad_token_id
     result = {
         "model": str(model_path), "anchor": str(anchor_path), "data": args.data, "n_examples": len(examples),
-        "preference": preference_flips(likelihood_margins(sequence_logps(model, examples, args.batch_size, pad)),
-                                       likelihood_margins(sequence_logps(anchor, examples, args.batch_size, pad))),
+        "preference": preference_flips(likelihood_margins(score_pairs(model, examples, args.batch_size, pad)),
+                                       likelihood_margins(score_pairs(anchor, examples, args.batch_size, pad))),
     }
     prompts = task_prompts(rows)
     if prompts is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aligner.launcher import deepspeed_command
 from aligner.models import free_port  # noqa: F401  (tests launch runs on free ports)
 from aligner.report import read_scalars  # noqa: F401  (tests read TensorBoard through the same reader as the report)
 
@@ -25,8 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run launch/train.py through the real DeepSpeed launcher with ``nproc`` ranks."""
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+    cmd = deepspeed_command(args, nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -188,3 +188,35 @@ def test_scale_8b_script_parses_and_its_estimate_helpers_run(tmp_path, capsys):
     scale_8b.write_data(tmp_path / "pairs.jsonl", pairs=3, tokens=256)
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["prompt"]) >= 128 and r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_kto_with_the_cache_on_keeps_a_live_reference_as_training_does():
+    cfg, plugins = cfg_and_plugins("configs/tiny-cpu.yaml", "kto")
+    cfg.train.cache_static_logps = True  # the default; the mismatched pairs need the reference every step
+    assert [(f.role, f.cached) for f in estimate.planned_frozen_models(cfg, plugins)] == [("reference", False)]
+    assert estimate.estimate(cfg, plugins, LLAMA3_8B, 8).plan.needs("kl_pairs")
+
+
+def test_unpaired_training_data_turns_the_cache_off_in_the_printed_plan(tmp_path, capsys):
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b", "label": True}) + "\n")
+    code, out, err = run_cli(capsys, "--config", "configs/tiny-cpu.yaml", "--plugins", "kto,flipguard", "--json",
+                             "--model-config", "llama3-8b", "--set", f"data.train={data}")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["data_paired"] is False
+    assert {n: m["state"] for n, m in report["plan"]["models"].items()} == {"policy": "trained", "reference": "live",
+                                                                            "anchor": "live"}
+
+
+def test_chunked_log_probs_shrink_the_logits_lines():
+    def lines(*overrides):
+        cfg, plugins = cfg_and_plugins("configs/llama3-8b-zero3.yaml", "dpo", *overrides)
+        return {line.name: line.bytes for line in estimate.estimate(cfg, plugins, LLAMA3_8B, 8).steady}
+
+    naive, chunked = lines(), lines("train.logps_chunk_tokens=1024")
+    tokens = 2 * 2 * 2048
+    assert naive["policy logits"] == tokens * 128256 * (2 * 2 + 4)
+    # One (1024, V) fp32 chunk and its bf16 copy in the backward pass, plus the hidden states it is computed from.
+    assert chunked["policy logits"] == 1024 * 128256 * (4 + 2) + tokens * 4096 * 2
+    assert chunked["frozen forward (transient)"] < naive["frozen forward (transient)"]

@@ -43,3 +43,10 @@ def test_update_counter_goes_through_the_state_dict_hooks():
     fresh = tr_soft.TRSoft()
     fresh.aligner_load_state_dict(plugin.aligner_state_dict())
     assert fresh.updates == 3
+
+
+def test_the_distance_is_measured_only_on_logged_steps():
+    cfg, _ = configure(parse_args(["--plugins", "dpo,tr_soft", "--set", "tr_soft.every=4"]))
+    plugin = tr_soft.TRSoft()
+    # Not an update step and not logged: neither the update nor the distance touches the engines (None here).
+    assert plugin.aligner_after_optimizer_step(step=3, engines=None, config=cfg, logged=False) == {"tr/updates": 0.0}
