@@ -106,11 +106,11 @@ def attn_implementation(requested: str, packing: bool) -> str:
     return "sdpa"
 
 
-def varlen_kwargs(model, batch: dict) -> dict:
-    """The ``cu_seq_lens``/``max_length`` forward kwargs of a packed batch, for models whose attention reads them."""
+def varlen_kwargs(model, batch) -> dict:
+    """The ``cu_seq_lens``/``max_length`` forward kwargs of a packed batch (:class:`aligner.data.batch.PackedBatch`),
+    for models whose attention reads them."""
     config = getattr(getattr(model, "module", model), "config", None)
-    if "cu_seqlens" not in batch or getattr(config, "_attn_implementation", None) not in VARLEN_KERNELS:
+    if getattr(config, "_attn_implementation", None) not in VARLEN_KERNELS:
         return {}
-    cu = batch["cu_seqlens"].to(batch["input_ids"].device)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch["max_seqlen"],
-            "max_length_k": batch["max_seqlen"]}
+    cu = batch.cu_seqlens.to(batch.input_ids.device)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}

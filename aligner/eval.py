@@ -53,8 +53,8 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate(batch_examples)
         inputs = gather_inputs(batch, engines, static, chunk_tokens)
-        n_chosen = batch["n_chosen"]
-        for row, index in enumerate(batch["row_index"]):
+        n_chosen = batch.n_chosen
+        for row, index in enumerate(batch.row_index):
             if index >= n_real:
                 continue
             side, j = ("chosen", row) if row < n_chosen else ("rejected", row - n_chosen)

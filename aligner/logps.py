@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from aligner.attention import varlen_kwargs
 from aligner.config import ConfigError
+from aligner.data.batch import Batch
 
 if TYPE_CHECKING:
     from aligner.hookspecs import SequenceLogps
@@ -146,43 +146,30 @@ def _scoring_head(model, score_mask: torch.Tensor, targets: torch.Tensor, chunk_
         del head.forward
 
 
-def _model_inputs(model, batch: dict) -> dict:
-    """Forward kwargs: a padded batch passes its attention mask; a packed one passes restarting position ids
-    and no mask (transformers then masks per sequence), plus cu_seqlens for varlen kernels."""
-    if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
-                **varlen_kwargs(model, batch)}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-
-
-def batch_logps(model, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (a DeepSpeed engine or an HF model) on a padded or packed batch and score the responses.
 
-    :param batch: from :func:`aligner.data.collate_pairs` (padded, (2B, T)) or
-        :func:`aligner.data.pack_pairs` (packed, (1, L), with ``sequence_ids``).
+    :param batch: a :class:`aligner.data.batch.Batch`: padded ((2B, T), :func:`aligner.data.collate_pairs`) or
+        packed ((1, L), :func:`aligner.data.pack_pairs`); the batch's type supplies the forward arguments and
+        which sequence each scored token belongs to.
     :param chunk_tokens: 0 for the naive full-logits path; else score only the
         response positions, this many tokens at a time.
     :returns: (summed response log-probs (2B,), scored tokens (2B,)), in the order
         ``[chosen..., rejected...]``.
     """
     device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    input_ids, response_mask = batch["input_ids"], batch["response_mask"]
+    batch = batch.to(device)
+    input_ids, response_mask = batch.input_ids, batch.response_mask
     targets_mask = response_mask[:, 1:]  # (N, T-1): position t predicts response token t+1
-    if "sequence_ids" in batch:  # packed: one row, many sequences
-        owner = batch["sequence_ids"][:, 1:][targets_mask]  # (M,)
-        n_seqs = len(batch["cu_seqlens"]) - 1
-    else:
-        owner = targets_mask.nonzero(as_tuple=True)[0]  # (M,) row of each target
-        n_seqs = input_ids.shape[0]
+    owner, n_seqs = batch.token_owner(), batch.n_sequences  # (M,) sequence of each target
     if chunk_tokens:
         score_mask = torch.zeros_like(response_mask)
         score_mask[:, :-1] = targets_mask
         targets = input_ids[:, 1:][targets_mask]  # (M,)
         with _scoring_head(model, score_mask, targets, chunk_tokens):
-            token_logps = model(**_model_inputs(model, batch)).logits  # (M,) fp32
+            token_logps = model(**batch.model_inputs(model)).logits  # (M,) fp32
     else:
-        logits = model(**_model_inputs(model, batch)).logits  # (N, T, V): every position, the model's dtype
+        logits = model(**batch.model_inputs(model)).logits  # (N, T, V): every position, the model's dtype
         token_logps = _picked_logps(logits[:, :-1][targets_mask], input_ids[:, 1:][targets_mask])  # (M,)
     summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))

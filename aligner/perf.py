@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from aligner.data import real_tokens
+from aligner.data.batch import Batch
 from aligner.hookspecs import Engines
 
 #: Dense peak FLOP/s by GPU name and dtype (vendor data sheets: H100/H200 SXM 989.4 TFLOP/s bf16,
@@ -69,12 +69,6 @@ def matmul_params(model) -> int:
     return total
 
 
-def _sequence_lengths(batch: dict) -> torch.Tensor:
-    if "cu_seqlens" in batch:
-        return batch["cu_seqlens"].diff().long()
-    return batch["attention_mask"].sum(-1).long()
-
-
 class PerfMeter:
     """Counts one optimizer step's tokens and useful FLOPs, then reports the ``perf/*`` metrics."""
 
@@ -94,10 +88,10 @@ class PerfMeter:
         """Mark the start of a step (for ``perf/cpu_s``)."""
         self.cpu_started = time.process_time()
 
-    def count(self, batch: dict) -> None:
+    def count(self, batch: Batch) -> None:
         """Add one micro-batch (padded or packed) to the current step."""
-        lengths = _sequence_lengths(batch).double()
-        self.tokens += real_tokens(batch)
+        lengths = batch.sequence_lengths().double()
+        self.tokens += batch.real_tokens()
         self.flops += float((6 + 2 * self.n_frozen) * (self.n_params * lengths + self.attn_per_token2 * lengths**2).sum())
 
     def step_metrics(self, elapsed: float) -> dict[str, float]:

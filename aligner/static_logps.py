@@ -229,6 +229,15 @@ def _release(engine) -> weakref.ref:
     return weakref.ref(module)
 
 
+def _append_history(path: Path, names: list[str], model_path: Path, cache: StaticLogps, record: dict) -> None:
+    """Add this run's pass (computed, reused, engine released) to ``<models>.json`` beside the cache."""
+    history_path = path.with_suffix(".json")
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {"passes": []}
+    history.update(models=names, model_path=str(model_path), fingerprint=cache.fingerprint)
+    history["passes"].append(record)
+    history_path.write_text(json.dumps(history, indent=2))
+
+
 def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
             attn_implementation: str, batch_size: int, pad_token_id: int,
             build_engine: Callable[[Path], object], train_batch_size: int | None = None,
@@ -280,11 +289,7 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
         if rank == 0:
             if n_missing:
                 save(cache, path)
-            history_path = path.with_suffix(".json")
-            history = json.loads(history_path.read_text()) if history_path.is_file() else {"passes": []}
-            history.update(models=names, model_path=str(model_path), fingerprint=cache.fingerprint)
-            history["passes"].append(record)
-            history_path.write_text(json.dumps(history, indent=2))
+            _append_history(path, names, model_path, cache, record)
             log.info("static log-probs of %s (%s): %d computed, %d reused from %s",
                      stem, model_path, n_missing, n_total - n_missing, path)
         if dist.is_initialized():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from aligner.data.batch import Batch
 from aligner.hookspecs import Engines, LossOutput, SequenceLogps, StepInputs
 from aligner.logps import batch_logps
 from aligner.registry import ActivePlugins, PluginHookError
@@ -19,26 +20,25 @@ def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLo
     return SequenceLogps(chosen=values[:n_chosen], rejected=values[n_chosen:])
 
 
-def gather_inputs(batch: dict, engines: Engines, static: dict | None = None, chunk_tokens: int = 0) -> StepInputs:
+def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, chunk_tokens: int = 0) -> StepInputs:
     """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
 
-    ``batch`` is padded (:func:`aligner.data.collate_batch`) or packed
-    (:func:`aligner.data.pack_pairs`). A padded batch may be unpaired (``paired``
-    False, the first ``n_chosen`` rows desirable) and may carry ``kl``, the
-    mismatched prompt/completion rows: those are scored by the policy and the
-    reference without gradients.
+    ``batch`` is a :class:`aligner.data.batch.Batch`, padded or packed. It may be
+    unpaired (``paired`` False, the first ``n_chosen`` rows desirable) and may carry
+    ``mismatched``, the mismatched prompt/completion rows: those are scored by the
+    policy and the reference without gradients.
 
     :param static: model name -> its cached log-probs for this batch's split (an
         :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
     :param chunk_tokens: ``train.logps_chunk_tokens`` (see aligner/logps.py).
     """
-    n_chosen = batch.get("n_chosen")
+    n_chosen = batch.n_chosen
     policy_logps, n_tokens = batch_logps(engines.policy, batch, chunk_tokens)  # (N,), (N,)
     frozen: dict[str, SequenceLogps | None] = {}
     for name in ("reference", "anchor"):
         engine = getattr(engines, name)
         if static and name in static:
-            frozen[name] = static[name].logps(list(batch["ids"]), policy_logps.device)
+            frozen[name] = static[name].logps(list(batch.ids), policy_logps.device)
         elif engine is None:
             frozen[name] = None
         elif name == "anchor" and engine is engines.reference:
@@ -47,11 +47,11 @@ def gather_inputs(batch: dict, engines: Engines, static: dict | None = None, chu
             with torch.no_grad():
                 frozen[name] = split_pairs(batch_logps(engine, batch, chunk_tokens)[0], n_chosen)
     kl_policy = kl_reference = None
-    if "kl" in batch:
+    if batch.mismatched is not None:
         with torch.no_grad():
-            kl_policy = batch_logps(engines.policy, batch["kl"], chunk_tokens)[0]  # (N,)
+            kl_policy = batch_logps(engines.policy, batch.mismatched, chunk_tokens)[0]  # (N,)
             if engines.reference is not None:
-                kl_reference = batch_logps(engines.reference, batch["kl"], chunk_tokens)[0]
+                kl_reference = batch_logps(engines.reference, batch.mismatched, chunk_tokens)[0]
     tokens = split_pairs(n_tokens, n_chosen)
     return StepInputs(
         policy=split_pairs(policy_logps, n_chosen),
@@ -59,8 +59,8 @@ def gather_inputs(batch: dict, engines: Engines, static: dict | None = None, chu
         anchor=frozen["anchor"],
         chosen_tokens=tokens.chosen,
         rejected_tokens=tokens.rejected,
-        example_ids=list(batch["ids"]),
-        paired=batch.get("paired", True),
+        example_ids=list(batch.ids),
+        paired=batch.paired,
         kl_policy=kl_policy,
         kl_reference=kl_reference,
     )

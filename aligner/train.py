@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
+from aligner.data import Batch, DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -305,7 +305,7 @@ class Recipe:
             if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
                 skipped = self.skip_nonfinite(step, skipped, batch, loss, resume_point)
                 continue
-            step_ids += batch["ids"]
+            step_ids += batch.ids
             self.policy.backward(loss)
             if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(self.policy):
                 self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
@@ -338,9 +338,9 @@ class Recipe:
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
             self.save(step)
 
-    def skip_nonfinite(self, step: int, skipped: int, batch: dict, loss: torch.Tensor, resume_point: tuple) -> int:
+    def skip_nonfinite(self, step: int, skipped: int, batch: Batch, loss: torch.Tensor, resume_point: tuple) -> int:
         """A micro-batch with a non-finite loss: stop (``train.on_nonfinite: stop``, or too many) or skip it."""
-        bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch["ids"])
+        bad_ids = nonfinite.ids_on_all_ranks([] if torch.isfinite(loss).all() else batch.ids)
         if self.cfg.train.on_nonfinite == "stop" or skipped >= MAX_SKIPPED_PER_STEP:
             self.stop_nonfinite(step, "loss", bad_ids, resume_point)
         if self.rank == 0:

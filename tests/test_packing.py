@@ -1,10 +1,12 @@
 """Padding-free packing: one row per micro-batch, the same per-sequence log-probs as the padded batch."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from aligner import attention
-from aligner.data import Example, collate_pairs, make_collate, pack_pairs, real_tokens
+from aligner.data import Example, PackedBatch, PaddedBatch, collate_pairs, make_collate, pack_pairs, real_tokens
 from aligner.logps import batch_logps
 
 MAX_LENGTH = 64
@@ -36,14 +38,14 @@ def examples():
 def test_pack_pairs_restarts_positions_and_never_scores_a_sequence_start(examples):
     batch = pack_pairs(examples)
     lengths = [len(e.prompt_ids) + len(e.chosen_ids) for e in examples] + [len(e.prompt_ids) + len(e.rejected_ids) for e in examples]
-    assert batch["input_ids"].shape == (1, sum(lengths)) and real_tokens(batch) == sum(lengths)
-    assert batch["cu_seqlens"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    assert batch["max_seqlen"] == MAX_LENGTH
-    starts = batch["cu_seqlens"][:-1].long()
-    assert (batch["position_ids"][0, starts] == 0).all() and not batch["response_mask"][0, starts].any()
-    assert batch["sequence_ids"][0, starts].tolist() == list(range(len(lengths)))
+    assert batch.input_ids.shape == (1, sum(lengths)) and real_tokens(batch) == sum(lengths)
+    assert batch.cu_seqlens.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert batch.max_seqlen == MAX_LENGTH
+    starts = batch.cu_seqlens[:-1].long()
+    assert (batch.position_ids[0, starts] == 0).all() and not batch.response_mask[0, starts].any()
+    assert batch.sequence_ids[0, starts].tolist() == list(range(len(lengths)))
     padded = collate_pairs(examples, 0)
-    assert real_tokens(padded) == sum(lengths) < padded["input_ids"].numel()
+    assert real_tokens(padded) == sum(lengths) < padded.input_ids.numel()
 
 
 def test_packed_logps_equal_padded_logps_and_use_cache_would_leak_across_sequences(model, examples):
@@ -52,8 +54,8 @@ def test_packed_logps_equal_padded_logps_and_use_cache_would_leak_across_sequenc
         want, n_want = batch_logps(model, padded)
         got, n_got = batch_logps(model, packed)
         # The trap (PLATFORM.md): with a cache, transformers skips the packed-sequence mask.
-        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=True).logits
-        sealed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        leaky = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=True).logits
+        sealed = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
     assert torch.equal(n_got, n_want) and n_want.tolist() == [1, 8, MAX_LENGTH - 30, 4, 7, 1, 10, 1]  # an empty prompt: its first token has no prefix
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     assert (leaky - sealed).abs().max() > 1e-2
@@ -86,14 +88,14 @@ def test_varlen_attention_cpu_twin_matches_padded_sdpa_and_reads_cu_seqlens(rand
     packed = pack_pairs(examples)
     assert set(attention.varlen_kwargs(varlen, packed)) == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     assert attention.varlen_kwargs(model, packed) == {}  # sdpa masks from position_ids instead
-    one_sequence = {**packed, "cu_seqlens": torch.tensor([0, packed["input_ids"].shape[1]], dtype=torch.int32)}
+    one_sequence = dataclasses.replace(packed, cu_seqlens=torch.tensor([0, packed.input_ids.shape[1]], dtype=torch.int32))
     with torch.no_grad():
         want, _ = batch_logps(model, collate_pairs(examples, 0))
         got, _ = batch_logps(varlen, packed, chunk_tokens=16)
         padded_through_varlen, _ = batch_logps(varlen, collate_pairs(examples, 0))  # falls back to SDPA
-        wrong = varlen(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+        wrong = varlen(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                        **attention.varlen_kwargs(varlen, one_sequence)).logits
-        right = varlen(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+        right = varlen(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                        **attention.varlen_kwargs(varlen, packed)).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0) and torch.allclose(padded_through_varlen, want, atol=1e-5, rtol=0)
     assert (wrong - right).abs().max() > 1e-2  # the boundaries come from cu_seqlens
@@ -108,5 +110,5 @@ def test_attn_implementation_auto_picks_varlen_for_packed_cpu_runs_and_sdpa_for_
 
 
 def test_make_collate_follows_the_packing_switch(examples):
-    assert "position_ids" in make_collate(True, 0)(examples)
-    assert "attention_mask" in make_collate(False, 0)(examples)
+    assert isinstance(make_collate(True, 0)(examples), PackedBatch)
+    assert isinstance(make_collate(False, 0)(examples), PaddedBatch)

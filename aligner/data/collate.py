@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from aligner.data.batch import PaddedBatch
 from aligner.data.tokenize import Example, UnpairedExample
 
 
@@ -27,14 +28,13 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def collate_pairs(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor | list[str]]:
+def collate_pairs(examples: list[Example], pad_token_id: int) -> PaddedBatch:
     """Pad ``[chosen_0..chosen_B-1, rejected_0..rejected_B-1]`` to the longest sequence (right padding).
 
-    Returns ``input_ids``, ``attention_mask`` and ``response_mask`` of shape (2B, T)
-    (``response_mask`` marks the response tokens whose log-probs are scored),
-    and ``ids`` (the B example ids).
+    A :class:`PaddedBatch` with ``input_ids``, ``attention_mask`` and ``response_mask`` of shape (2B, T)
+    (``response_mask`` marks the response tokens whose log-probs are scored), and ``ids`` (the B example ids).
     """
-    return {**pad_rows(_rows(examples)[0], pad_token_id), "ids": [ex.id for ex in examples]}
+    return collate_batch(examples, pad_token_id)
 
 
 def _rows(examples: list[Example] | list[UnpairedExample]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
@@ -57,25 +57,21 @@ def mismatched_rows(rows: list[tuple[list[int], list[int]]], max_length: int) ->
 
 
 def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id: int, kl_pairs: bool = False,
-                  max_length: int | None = None) -> dict:
+                  max_length: int | None = None) -> PaddedBatch:
     """Collate paired or unpaired examples for :func:`aligner.step.gather_inputs`.
 
-    Returns the padded tensors of :func:`pad_rows` over N rows (2B for B pairs),
+    A :class:`PaddedBatch` of the tensors of :func:`pad_rows` over N rows (2B for B pairs),
     ``n_chosen`` (the first ``n_chosen`` rows are chosen/desirable), ``paired``,
     ``row_index`` (each row's index into ``examples``) and ``ids`` (the example
     ids: one per pair, or one per row for unpaired examples). With ``kl_pairs``,
-    ``kl`` holds the padded mismatched rows of :func:`mismatched_rows`.
+    ``mismatched`` holds the padded mismatched rows of :func:`mismatched_rows`.
     """
     rows, row_index = _rows(examples)
     paired = not isinstance(examples[0], UnpairedExample)
-    batch = {
-        **pad_rows(rows, pad_token_id),
-        "n_chosen": len(examples) if paired else sum(ex.desirable for ex in examples),
-        "paired": paired,
-        "row_index": row_index,
-        "ids": [ex.id for ex in examples] if paired else [examples[i].id for i in row_index],
-    }
+    labels = {"n_chosen": len(examples) if paired else sum(ex.desirable for ex in examples), "paired": paired,
+              "row_index": row_index, "ids": [ex.id for ex in examples] if paired else [examples[i].id for i in row_index]}
+    mismatched = None
     if kl_pairs:
         limit = max_length or max(len(p) + len(r) for p, r in rows)
-        batch["kl"] = pad_rows(mismatched_rows(rows, limit), pad_token_id)
-    return batch
+        mismatched = PaddedBatch(**pad_rows(mismatched_rows(rows, limit), pad_token_id), **labels)
+    return PaddedBatch(**pad_rows(rows, pad_token_id), **labels, mismatched=mismatched)

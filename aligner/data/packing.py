@@ -24,14 +24,15 @@ from functools import partial
 
 import torch
 
+from aligner.data.batch import Batch, PackedBatch
 from aligner.data.collate import collate_batch
 from aligner.data.tokenize import Example, UnpairedExample
 
 
-def pack_pairs(examples: list[Example]) -> dict[str, torch.Tensor | int | list[str]]:
+def pack_pairs(examples: list[Example]) -> PackedBatch:
     """Pack the 2B sequences of ``examples`` into one row of L = sum of their lengths.
 
-    Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (which of the 2B
+    A :class:`PackedBatch`: ``input_ids``, ``position_ids``, ``sequence_ids`` (which of the 2B
     sequences each token belongs to) and ``response_mask`` (the tokens whose
     log-probs are scored), each of shape (1, L); ``cu_seqlens`` (2B+1,) int32 and
     ``max_seqlen`` (int) for varlen attention kernels; and ``ids`` (the B example ids).
@@ -54,14 +55,14 @@ def pack_pairs(examples: list[Example]) -> dict[str, torch.Tensor | int | list[s
     response_mask &= position_ids > 0
     cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(lengths, 0)
-    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "sequence_ids": sequence_ids[None],
-            "response_mask": response_mask[None], "cu_seqlens": cu_seqlens, "max_seqlen": int(lengths.max()),
-            "ids": [ex.id for ex in examples], "n_chosen": len(examples), "paired": True,
-            "row_index": [*range(len(examples)), *range(len(examples))]}
+    return PackedBatch(input_ids=input_ids[None], position_ids=position_ids[None], sequence_ids=sequence_ids[None],
+                       response_mask=response_mask[None], cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
+                       ids=[ex.id for ex in examples], n_chosen=len(examples), paired=True,
+                       row_index=[*range(len(examples)), *range(len(examples))])
 
 
 def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
-                 max_length: int | None = None) -> Callable[[list], dict]:
+                 max_length: int | None = None) -> Callable[[list], Batch]:
     """The batch builder a run uses: :func:`pack_pairs` (``train.packing``) or the padded ``collate_batch``.
 
     Packing covers preference pairs; unpaired completions and batches that carry
@@ -71,14 +72,12 @@ def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
     if not packing or kl_pairs:
         return padded
 
-    def collate(examples: list) -> dict:
+    def collate(examples: list) -> Batch:
         return pack_pairs(examples) if not isinstance(examples[0], UnpairedExample) else padded(examples)
 
     return collate
 
 
-def real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a padded (``attention_mask``) or packed (no padding at all) batch."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+def real_tokens(batch: Batch) -> int:
+    """Non-padding tokens of a padded or packed (no padding at all) batch."""
+    return batch.real_tokens()

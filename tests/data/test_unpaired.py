@@ -70,15 +70,15 @@ def test_a_missing_or_non_bool_label_is_a_row_numbered_error(tmp_path, tiny_toke
 def test_collate_puts_desirable_rows_first_and_builds_shifted_kl_rows(tiny_tokenizer):
     examples = tok_all(unpaired_rows(3), tiny_tokenizer)  # labels T F T F T F
     batch = collate_batch(examples, tiny_tokenizer.pad_token_id, kl_pairs=True, max_length=64)
-    assert batch["n_chosen"] == 3 and batch["paired"] is False
-    assert batch["row_index"] == [0, 2, 4, 1, 3, 5]
-    assert batch["ids"] == [examples[i].id for i in (0, 2, 4, 1, 3, 5)]
-    kl = batch["kl"]
-    for k, i in enumerate(batch["row_index"]):
-        previous = examples[batch["row_index"][k - 1]]
+    assert batch.n_chosen == 3 and batch.paired is False
+    assert batch.row_index == [0, 2, 4, 1, 3, 5]
+    assert batch.ids == [examples[i].id for i in (0, 2, 4, 1, 3, 5)]
+    kl = batch.mismatched
+    for k, i in enumerate(batch.row_index):
+        previous = examples[batch.row_index[k - 1]]
         n = len(examples[i].prompt_ids) + len(previous.completion_ids)
-        assert kl["input_ids"][k, :n].tolist() == examples[i].prompt_ids + previous.completion_ids
-        assert kl["response_mask"][k].sum() == len(previous.completion_ids)
+        assert kl.input_ids[k, :n].tolist() == examples[i].prompt_ids + previous.completion_ids
+        assert kl.response_mask[k].sum() == len(previous.completion_ids)
 
 
 def test_kl_rows_of_pairs_never_match_a_prompt_with_its_own_response():
@@ -101,7 +101,7 @@ def test_gather_inputs_scores_the_kl_rows_without_gradient(tiny_model, tiny_toke
     assert not inputs.paired and inputs.policy.chosen.shape == (3,) and inputs.policy.rejected.shape == (1,)
     assert inputs.policy.chosen.requires_grad and not inputs.kl_policy.requires_grad
     with torch.no_grad():
-        expected, _ = batch_logps(tiny_model, batch["kl"])
+        expected, _ = batch_logps(tiny_model, batch.mismatched)
         own, _ = batch_logps(tiny_model, batch)
     assert torch.allclose(inputs.kl_policy, expected) and torch.allclose(inputs.kl_reference, expected)
     assert not torch.allclose(expected, own)  # mismatched rows score differently from the batch's own rows

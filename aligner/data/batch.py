@@ -1,0 +1,122 @@
+"""The batch types: what a micro-batch is, as data, so that no code tells one kind from another by dict keys.
+
+Every batch holds N scored sequences, ordered ``[chosen/desirable..., rejected/undesirable...]``:
+
+- :class:`PaddedBatch`: one row per sequence, right-padded, (N, T) with an attention mask;
+- :class:`PackedBatch`: every sequence back to back in one row, (1, L), with restarting position ids and
+  ``cu_seqlens`` (padding-free; aligner/data/packing.py).
+
+Either may be paired (B pairs, N = 2B) or unpaired (``paired`` False, the first ``n_chosen`` rows desirable),
+and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a :class:`PaddedBatch` of its own
+(``kl_pairs``, aligner/data/collate.py).
+
+What differs between the kinds lives in their methods: the model's forward arguments
+(:meth:`Batch.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`), and the real
+(non-padding) tokens. A new kind (prefix-shared packing; LoRA's adapters on/off per forward) is a new subclass
+with those three methods, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """The fields every batch has. ``input_ids`` and ``response_mask`` (True on the tokens to score) share one shape.
+
+    :param ids: the example ids: one per pair (paired), or one per row (unpaired).
+    :param n_chosen: the first ``n_chosen`` sequences are chosen/desirable.
+    :param row_index: each sequence's index into the examples the batch was built from.
+    """
+
+    input_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ids: list[str]
+    n_chosen: int
+    row_index: list[int]
+    paired: bool = True
+    mismatched: PaddedBatch | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on ``device`` (the mismatched part stays where it is)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if torch.is_tensor(getattr(self, f.name))}
+        return replace(self, **moved)
+
+    @property
+    def n_sequences(self) -> int:
+        raise NotImplementedError
+
+    def model_inputs(self, model) -> dict:
+        """The forward keyword arguments of this batch for ``model``."""
+        raise NotImplementedError
+
+    def token_owner(self) -> torch.Tensor:
+        """(M,): which sequence each scored target token (``response_mask[:, 1:]``) belongs to."""
+        raise NotImplementedError
+
+    def sequence_lengths(self) -> torch.Tensor:
+        """(N,) tokens of each sequence (for FLOP counts)."""
+        raise NotImplementedError
+
+    def real_tokens(self) -> int:
+        """Tokens that are not padding."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class PaddedBatch(Batch):
+    """N rows of (prompt, response) right-padded to T: ``input_ids``, ``attention_mask``, ``response_mask`` (N, T)."""
+
+    attention_mask: torch.Tensor
+
+    @property
+    def n_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def model_inputs(self, model) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+
+    def token_owner(self) -> torch.Tensor:
+        return self.response_mask[:, 1:].nonzero(as_tuple=True)[0]  # (M,) row of each target
+
+    def sequence_lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(-1).long()
+
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass(kw_only=True)
+class PackedBatch(Batch):
+    """N sequences in one row of L tokens: ``position_ids`` restart at 0 per sequence, ``sequence_ids`` name each
+    token's sequence (1, L), ``cu_seqlens`` (N+1,) int32 and ``max_seqlen`` serve varlen attention kernels."""
+
+    position_ids: torch.Tensor
+    sequence_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    def model_inputs(self, model) -> dict:
+        """Restarting position ids and no mask (transformers then masks per sequence), plus cu_seqlens for varlen
+        kernels (aligner/attention.py)."""
+        from aligner.attention import varlen_kwargs
+
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
+                **varlen_kwargs(model, self)}
+
+    def token_owner(self) -> torch.Tensor:
+        return self.sequence_ids[:, 1:][self.response_mask[:, 1:]]
+
+    def sequence_lengths(self) -> torch.Tensor:
+        return self.cu_seqlens.diff().long()
+
+    def real_tokens(self) -> int:
+        return int(self.input_ids.numel())
