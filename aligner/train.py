@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
+from aligner.data import DataError, PairSampler, UnpairedExample, make_collate, prepare_data
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -106,15 +106,16 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     return None
 
 
-def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str, plugins: ActivePlugins):
-    rows = load_rows(spec)
-    examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
-    if isinstance(examples[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
+    """The train and eval splits, tokenized once per run and cached (aligner/data/prepare.py)."""
+    train_set, eval_set = prepare_data(cfg, tokenizer)
+    if isinstance(train_set[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
         raise DataError(
-            f"dataset {label} is unpaired (prompt, completion, label), but the loss '{plugins.loss}' trains on "
-            f"preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) or paired data"
+            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss '{plugins.loss}' "
+            f"trains on preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) "
+            f"or paired data"
         )
-    return examples
+    return train_set, eval_set
 
 
 def summarize(examples: list, label: str) -> DatasetSummary:
@@ -132,7 +133,7 @@ def frozen_model_paths(cfg: RunConfig, plugins: ActivePlugins, policy_path: Path
     for name in sorted(plugins.required_models(cfg)):
         chosen = plugins.hook.aligner_model_path(model=name, config=cfg)
         chosen = chosen or (cfg.model.reference_path if name == "reference" else None)
-        paths[name] = models.resolve_path(chosen, keys[name]) if chosen else policy_path
+        paths[name] = models.resolve_path(chosen, keys[name], cfg.model.revision) if chosen else policy_path
     return paths
 
 
@@ -190,19 +191,14 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     resume_from = prepare_output_dir(cfg, args, rank)
     torch.manual_seed(cfg.train.seed)
 
-    # The embedded model is built once, by rank 0; the others wait and load it.
-    if rank == 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    dist.barrier()
-    if rank != 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    # Rank 0 fetches (a Hub ID) or builds (an embedded model) first; the others wait and read it.
+    policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path", cfg.model.revision)
+    tokenizer = models.run_tokenizer(cfg, policy_path)
     meta = checkpoint_meta(cfg, plugins, world, policy_path)
     if resume_from is not None:  # refuse a checkpoint of another run before building anything
         checkpoint.check_compatible(resume_from, checkpoint.read_meta(resume_from), meta)
 
-    train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
-    eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
+    train_set, eval_set = load_examples(tokenizer, cfg, plugins)
     if rank == 0:
         plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
         out.mkdir(parents=True, exist_ok=True)
