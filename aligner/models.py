@@ -92,8 +92,9 @@ def _resolve(name_or_path: str, key: str, revision: str | None) -> Path:
         return path
     if hub.is_hub_id(name_or_path):
         return hub.snapshot(name_or_path, key, revision)
-    raise ModelError(f"{key}: {name_or_path} is neither a folder nor a Hub model ID (org/name); give a local "
-                     f"checkpoint folder, a Hub ID such as meta-llama/Meta-Llama-3-8B-Instruct, or embedded:tiny-sort")
+    raise ModelError(f"{key}: {name_or_path} is not a model folder (no config.json there) nor a Hub model ID "
+                     f"(org/name); give a local checkpoint folder, a Hub ID such as meta-llama/Meta-Llama-3-8B-Instruct, "
+                     f"or embedded:tiny-sort")
 
 
 def chat_template_text(value: str) -> str:
