@@ -50,6 +50,11 @@ def is_conversational(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
+def _messages(value: Any) -> bool:
+    """Conversational, or an empty list (a message list with nothing in it, refused later with that reason)."""
+    return is_conversational(value) or value == []
+
+
 def column_mapping(columns: dict[str, str] | None, available: list[str], label: str) -> dict[str, str]:
     """Check ``data.columns`` (aligner name -> the dataset's column) against the dataset; returns source -> target."""
     from aligner.data.load import DataError
@@ -109,12 +114,12 @@ def paired_parts(row: dict) -> tuple[str | list, list[str | list]]:
     """(prompt, [chosen, rejected]) of a paired row, by TRL's explicit/implicit rules (module doc)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     prompt = row.get("prompt")
-    if prompt is not None and is_conversational(prompt) == is_conversational(chosen):
+    if prompt is not None and _messages(prompt) == _messages(chosen):
         return prompt, [chosen, rejected]
     for column, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, (str, list)):
             raise RowError(column, f"must be a string or a list of chat messages, got {type(value).__name__}")
-    if is_conversational(chosen) != is_conversational(rejected):
+    if _messages(chosen) != _messages(rejected):
         raise RowError("rejected", "is not of the same format as chosen (one is a string, the other messages)")
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     return prompt, [chosen, rejected]
