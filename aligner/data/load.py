@@ -140,7 +140,7 @@ def diagnose_jsonl(path: Path, spec: str) -> None:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"dataset {spec}, line {number} (row {rows}): bytes {raw[exc.start:exc.start + 4]!r} "
-                                f"at byte {exc.start} are not valid UTF-8; re-save the file as UTF-8") from None
+                                f"at byte {exc.start} of the line are not valid UTF-8; re-save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:
