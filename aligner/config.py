@@ -26,11 +26,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    #: A local HF checkpoint directory, or ``embedded:tiny-sort`` (the project's own
-    #: tiny Llama, warmed up on the embedded task) / ``embedded:tiny-random``.
+    #: A Hub model ID (``meta-llama/Meta-Llama-3-8B-Instruct``), a local HF checkpoint folder, or
+    #: ``embedded:tiny-sort`` (the project's own tiny Llama, warmed up on the embedded task) / ``embedded:tiny-random``.
     name_or_path: str = "embedded:tiny-sort"
-    #: A different reference checkpoint (as TRL's ``ref_model``); default: the policy's initial weights.
+    #: A different reference model (Hub ID or folder, as TRL's ``ref_model``); default: the policy's initial weights.
     reference_path: str | None = None
+    #: The Hub revision (branch, tag or commit) of every model named by Hub ID; default: ``main``.
+    revision: str | None = None
+    #: Another tokenizer (Hub ID or folder) instead of the policy's own.
+    tokenizer: str | None = None
+    #: A Jinja chat template (the template text, or the path of a file holding it) that replaces the tokenizer's.
+    chat_template: str | None = None
     #: ``float32`` or ``bfloat16`` (training precision; bf16 uses DeepSpeed's fp32 master weights).
     dtype: str = "float32"
     #: ``auto`` (flash_attention_2 if flash-attn is installed on GPU; else, for packed GPU runs, PyTorch's
@@ -47,10 +53,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: jsonl/json/parquet/arrow file, a ``datasets`` directory (``save_to_disk``), or ``embedded:train``.
-    train: str = "embedded:train"
+    #: A Hub dataset ID, a jsonl/json/parquet/csv/arrow file, a dataset folder (``save_to_disk`` or a repository
+    #: folder), ``embedded:train``, or a mixture: a list of ``{path, split, subset, samples, columns}`` entries.
+    train: str | list[Any] = "embedded:train"
     #: Same forms as ``train``; ``null`` for no evaluation.
-    eval: str | None = "embedded:eval"
+    eval: str | list[Any] | None = "embedded:eval"
+    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``).
+    train_split: str = "train"
+    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``).
+    eval_split: str = "test"
+    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several.
+    subset: str | None = None
+    #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``.
+    columns: dict[str, str] | None = None
+    #: A share of the train rows held out as the eval split (deterministic, seeded by ``train.seed``); 0 = none.
+    eval_fraction: float = 0.0
+    #: Processes that tokenize; ``null`` = one per core (up to 8) for 10k rows or more, else one.
+    num_proc: int | None = None
     #: Longest prompt+response in tokens; longer rows are truncated (prompt from the left, then response).
     max_length: int = 1024
     #: Prompts are left-truncated to this many tokens first; ``null`` = no separate prompt limit.
@@ -70,6 +89,13 @@ class DataConfig:
                     f"({self.max_length}) to leave room for the response"
                 )
         _one_of("data.on_bad_row", self.on_bad_row, ("error", "skip"))
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} carves the eval split out of data.train, but "
+                              f"data.eval is set too ({self.eval}); set data.eval: null, or data.eval_fraction: 0")
+        if self.num_proc is not None:
+            _positive("data.num_proc", self.num_proc)
 
 
 @dataclass

@@ -4,8 +4,10 @@ It reads the same YAML (and ``--plugins``, ``--set``) as ``aligner-train``,
 activates the plugins and asks them which models they need
 (``aligner_required_models``), so it counts only the engines the run will
 build. Model shapes come from the checkpoint's ``config.json``
-(``model.name_or_path``), from ``--model-config`` (a ``config.json`` or a
-built-in shape such as ``llama3-8b``), so nothing is downloaded.
+(``model.name_or_path``: a folder, or a Hub ID whose ``config.json`` is in the
+HF cache, else the built-in shape known for that ID), or from
+``--model-config`` (a ``config.json`` or a built-in shape such as
+``llama3-8b``), so nothing is downloaded.
 
 Per rank, with P parameters, N = gpus x nodes ranks, d = bytes of the model
 dtype (2 for bf16, 4 for fp32), ZeRO-3:
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner import hub
 from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan
 
 GIB = 2**30
@@ -70,6 +73,9 @@ BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "max_position_embeddings": 8192,
     },
 }
+
+#: Hub IDs whose shape is built in, so that an estimate needs neither network nor cache.
+HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b"}
 
 # DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py), used when the DeepSpeed config leaves them unset.
 DS_DEFAULTS = {
@@ -162,6 +168,16 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
             from aligner.models import resolve_path
 
             path = resolve_path(spec, "model.name_or_path") / "config.json"
+    elif model_config is None and not Path(spec).exists() and hub.is_hub_id(spec):
+        path = hub.cached_file(spec, "config.json")
+        if path is None and spec in HUB_SHAPES:
+            return ModelShape.from_dict(BUILTIN_SHAPES[HUB_SHAPES[spec]], spec), f"built-in shape of {spec}"
+        if path is None:
+            raise EstimateError(
+                f"model.name_or_path: the config.json of {spec} is not in the Hugging Face cache; fetch it "
+                f"(`{hub.fetch_command(spec)} config.json`) or pass --model-config (a config.json, a folder, or "
+                f"a built-in shape: {', '.join(BUILTIN_SHAPES)})"
+            )
     else:
         path = Path(spec)
         path = path / "config.json" if path.is_dir() else path

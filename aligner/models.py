@@ -67,40 +67,75 @@ def device() -> torch.device:
     return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
-def resolve_path(name_or_path: str, key: str) -> Path:
-    """A local checkpoint folder for ``name_or_path`` (building the embedded model if asked for)."""
+def resolve_path(name_or_path: str, key: str, revision: str | None = None) -> Path:
+    """A local checkpoint folder for ``name_or_path``: a folder, a Hub ID (fetched into the HF cache), or an
+    embedded model (built on first use). Rank 0 (then each node's local rank 0) resolves first; the other ranks
+    wait and read what it fetched or built."""
+    from aligner.once import leaders_first
+
+    return leaders_first(lambda: _resolve(name_or_path, key, revision))
+
+
+def _resolve(name_or_path: str, key: str, revision: str | None) -> Path:
+    from aligner import hub
+
     if embedded.is_embedded(name_or_path):
         try:
             return embedded.ensure_embedded_model(name_or_path)
         except ValueError as exc:
             raise ModelError(f"{key}: {exc}") from None
     path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"{key}: {name_or_path} is not a model folder (no config.json there). Give a local Hugging Face "
-            f"checkpoint folder (written by save_pretrained), or embedded:tiny-sort for the embedded model; "
-            f"aligner does not download models"
-        )
-    return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{key}: {name_or_path} is not a model folder (no config.json there). Give a Hugging "
+                             f"Face checkpoint folder (written by save_pretrained), a Hub model ID, or embedded:tiny-sort")
+        return path
+    if hub.is_hub_id(name_or_path):
+        return hub.snapshot(name_or_path, key, revision)
+    raise ModelError(f"{key}: {name_or_path} is not a model folder (no config.json there) nor a Hub model ID "
+                     f"(org/name); give a local checkpoint folder, a Hub ID such as meta-llama/Meta-Llama-3-8B-Instruct, "
+                     f"or embedded:tiny-sort")
+
+
+def chat_template_text(value: str) -> str:
+    """``model.chat_template``: the path of a file holding a Jinja template, or the template itself."""
+    if "{" not in value and "\n" not in value:
+        path = Path(value)
+        if not path.is_file():
+            raise ModelError(f"model.chat_template: {value} is neither a file nor a Jinja template (no '{{' in it); "
+                             f"give the template text or the path of a .jinja file")
+        return path.read_text()
+    return value
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False, chat_template: str | None = None,
+                   key: str = "model.name_or_path"):
+    """The tokenizer at ``path`` (a resolved folder), with ``chat_template`` (text or file) in place of its own."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(
-            f"model.name_or_path: {path} has no usable tokenizer ({exc}); save the tokenizer beside the model "
-            f"with tokenizer.save_pretrained"
+            f"{key}: {path} has no usable tokenizer ({exc}); save the tokenizer beside the model "
+            f"with tokenizer.save_pretrained, or name another with model.tokenizer"
         ) from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as TRL does; padding is masked out anyway
     return tokenizer
+
+
+def run_tokenizer(cfg: RunConfig, policy_path: Path):
+    """The run's tokenizer: ``model.tokenizer`` (Hub ID or folder) or the policy's, with ``model.chat_template``."""
+    m = cfg.model
+    path = resolve_path(m.tokenizer, "model.tokenizer", m.revision) if m.tokenizer else policy_path
+    return load_tokenizer(path, m.trust_remote_code, m.chat_template, "model.tokenizer" if m.tokenizer else "model.name_or_path")
 
 
 def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):

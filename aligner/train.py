@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import Batch, DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
+from aligner.data import Batch, DataError, PairSampler, UnpairedExample, make_collate, prepare_data
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -99,15 +99,16 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     return None
 
 
-def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str, plugins: ActivePlugins):
-    rows = load_rows(spec)
-    examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
-    if isinstance(examples[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
+    """The train and eval splits, tokenized once per run and cached (aligner/data/prepare.py)."""
+    train_set, eval_set = prepare_data(cfg, tokenizer)
+    if isinstance(train_set[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
         raise DataError(
-            f"dataset {label} is unpaired (prompt, completion, label), but the loss '{plugins.loss}' trains on "
-            f"preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) or paired data"
+            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss '{plugins.loss}' "
+            f"trains on preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) "
+            f"or paired data"
         )
-    return examples
+    return train_set, eval_set
 
 
 def summarize(examples: list, label: str) -> DatasetSummary:
@@ -120,17 +121,13 @@ def summarize(examples: list, label: str) -> DatasetSummary:
 
 def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
     """The checkpoint folder of every model in the plan (the policy's first: it may be built by rank 0 only)."""
-    rank = rank_and_world()[0]
-    # The embedded model is built once, by rank 0; the others wait and load it.
-    if rank == 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    dist.barrier()
-    if rank != 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
+    # Rank 0 fetches (a Hub ID) or builds (an embedded model) first; the others wait and read it.
+    policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path", cfg.model.revision)
     keys = {"reference": "model.reference_path", "anchor": "anchor path (from its plugin)"}
     paths = {"policy": policy_path}
     for spec in plan.frozen():
-        paths[spec.name] = policy_path if spec.source == POLICY_INITIAL else models.resolve_path(spec.source, keys[spec.name])
+        paths[spec.name] = (policy_path if spec.source == POLICY_INITIAL
+                            else models.resolve_path(spec.source, keys[spec.name], cfg.model.revision))
     return paths
 
 
@@ -213,7 +210,7 @@ class Recipe:
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
-        self.tokenizer = models.load_tokenizer(self.paths["policy"], cfg.model.trust_remote_code)
+        self.tokenizer = models.run_tokenizer(cfg, self.paths["policy"])
         self.pad_id = self.tokenizer.pad_token_id
         self.meta = checkpoint_meta(cfg, self.plugins, self.world, self.paths["policy"])
         if self.resume_from is not None:  # refuse a checkpoint of another run before building anything
@@ -230,9 +227,7 @@ class Recipe:
 
     def setup_data(self) -> None:
         cfg = self.cfg
-        self.train_set = load_examples(cfg.data.train, self.tokenizer, cfg, f"data.train ({cfg.data.train})", self.plugins)
-        self.eval_set = (load_examples(cfg.data.eval, self.tokenizer, cfg, f"data.eval ({cfg.data.eval})", self.plugins)
-                         if cfg.data.eval else [])
+        self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
         if self.rank == 0:
             self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
                                    config=cfg)

@@ -28,9 +28,13 @@ from aligner.regression import generation_flips, likelihood_margins, preference_
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the aligned model: an HF checkpoint folder (e.g. <output_dir>/final)")
-    p.add_argument("--anchor", required=True, help="the pre-aligned model: an HF checkpoint folder or embedded:tiny-sort")
-    p.add_argument("--data", required=True, help="preference data (jsonl/json/parquet, a datasets folder, or embedded:eval)")
+    p.add_argument("--model", required=True, help="the aligned model: an HF checkpoint folder (e.g. <output_dir>/final) or a Hub ID")
+    p.add_argument("--anchor", required=True, help="the pre-aligned model: a Hub ID (org/name), an HF checkpoint folder, "
+                                                   "or embedded:tiny-sort")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of models named by Hub ID")
+    p.add_argument("--data", required=True, help="preference data (a Hub dataset ID, jsonl/json/parquet, a dataset folder, "
+                                                 "or embedded:eval)")
+    p.add_argument("--split", help="the split of --data to read, for datasets with splits (e.g. test_prefs)")
     p.add_argument("--out", default="regression_eval.json", help="json file to write (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=1024, help="truncate prompt+response to this many tokens")
     p.add_argument("--batch-size", type=int, default=16)
@@ -39,16 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(path_or_name: str, flag: str):
+def load(path_or_name: str, flag: str, revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    path = models.resolve_path(path_or_name, flag)
+    path = models.resolve_path(path_or_name, flag, revision)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path
 
 
 def task_prompts(rows) -> list[str] | None:
     """The prompts, when every row is one of the embedded sort task (else None: no gold reward)."""
-    prompts = [row["prompt"] for row in rows]
+    prompts = [row.get("prompt") for row in rows]
     try:
         for prompt in prompts:
             if not isinstance(prompt, str):
@@ -60,13 +64,13 @@ def task_prompts(rows) -> list[str] | None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    model, model_path = load(args.model, "--model")
-    anchor, anchor_path = load(args.anchor, "--anchor")
+    model, model_path = load(args.model, "--model", args.revision)
+    anchor, anchor_path = load(args.anchor, "--anchor", args.revision)
     if model.config.vocab_size != anchor.config.vocab_size:
         raise models.ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
                                 f"--model {model_path} has {model.config.vocab_size}; they must share the tokenizer")
     tokenizer = models.load_tokenizer(model_path)
-    rows = load_rows(args.data)
+    rows = load_rows(args.data, args.split)
     examples = tokenize_dataset(rows, tokenizer, args.max_length, None, "error", f"--data ({args.data})")
     pad = tokenizer.pad_token_id
     result = {

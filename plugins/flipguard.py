@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+from aligner import hub
 from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "flipguard"
@@ -86,7 +87,7 @@ class FlipGuardConfig:
     target: str = "chosen"
     #: ``nll``: per-token cross-entropy of y_w on flipped examples.
     constraint: str = "nll"
-    #: The pre-aligned model: a local HF checkpoint folder or ``embedded:...``; default the policy's initial weights.
+    #: The pre-aligned model: a Hub model ID, a local HF checkpoint folder or ``embedded:...``; default the policy's initial weights.
     anchor_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -103,10 +104,11 @@ class FlipGuardConfig:
             raise ValueError(f"flipguard.constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r} "
                              f"(token_kl needs the anchor's logits every step and is not implemented)")
         if self.anchor_path is not None and not self.anchor_path.startswith("embedded:"):
-            if not (Path(self.anchor_path) / "config.json").is_file():
+            # A Hub ID is fetched (or found in the HF cache) by the core when the anchor is built.
+            if not hub.is_hub_id(self.anchor_path) and not (Path(self.anchor_path) / "config.json").is_file():
                 raise ValueError(f"flipguard.anchor_path: {self.anchor_path} is not a model folder (no config.json "
-                                 f"there); give a local Hugging Face checkpoint folder of the pre-aligned model, or "
-                                 f"leave it unset to anchor on the policy's initial weights")
+                                 f"there) nor a Hub model ID; give the pre-aligned model's Hub ID (org/name) or a local "
+                                 f"Hugging Face checkpoint folder, or leave it unset to anchor on the policy's initial weights")
 
 
 def flip_test(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, anchor_chosen: torch.Tensor,

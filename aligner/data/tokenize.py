@@ -1,22 +1,31 @@
-"""Validate preference rows and tokenize them the way TRL does, so the same file gives the same tokens.
+"""Validate preference rows and tokenize them as TRL 1.16 does, so the same row gives the same token ids.
 
-- String rows: ``prompt`` is tokenized with the tokenizer's own special tokens
-  (a BOS where the tokenizer adds one), each response without them, then EOS.
-  No chat template.
-- Conversational rows (lists of ``{"role", "content"}`` messages): the prompt
-  goes through the chat template with the generation prompt; each response is
-  the text the template adds after it, then EOS unless the template ends with it.
-- Truncation: the prompt is cut from the left to ``max_prompt_length`` (if set),
-  then the responses from the right so that prompt + response fits
-  ``max_length``. A row whose prompt leaves no room for a response cannot fit.
+The rows are first brought to prompt + responses by TRL's format rules
+(:mod:`aligner.data.formats`: explicit or implicit prompt, strings or messages).
+Then, as ``DPOTrainer._prepare_dataset`` / ``KTOTrainer._prepare_dataset`` do:
 
-Unpaired rows (``prompt``, ``completion``, ``label``; KTO's format, as TRL
-reads it) are tokenized the same way, one response each; ``label`` must be a
-bool (true = desirable). A dataset is unpaired when it has ``completion`` and
-``label`` columns and no ``chosen``/``rejected``.
+- **String rows**: each response gets the EOS *text* appended unless it
+  already ends with it. ``prompt`` and ``prompt + response`` are tokenized as
+  plain text, with the tokenizer's own special tokens (a BOS where it adds one).
+- **Conversational rows**: ``prompt`` is rendered by the chat template with the
+  generation prompt, ``prompt + response`` without it; both are tokenized with
+  no special tokens added (``apply_chat_template(tokenize=True)`` does the same).
+  No EOS is added: the response is exactly what the template writes after the
+  prompt (for Qwen's template that ends ``<|im_end|>\\n``; for a template whose
+  turns carry no EOS, no EOS at all).
+- The prompt ids are the tokens the prompt and *both* prompt+response sequences
+  share (TRL's ``common_prefix_length``); each response is the rest of its
+  sequence. A template or a merge across the boundary that changes the end of
+  the prompt thus moves those tokens out of the prompt, as in TRL.
+- Truncation: the prompt is cut from the left to ``max_prompt_length`` (if
+  set), then the responses from the right so that prompt + response fits
+  ``max_length`` (TRL's ``keep_start`` when no prompt limit is set). A row whose
+  prompt leaves no room for a response cannot fit (TRL drops it silently; we
+  report it, or skip it with ``data.on_bad_row: skip``).
 
-Bad rows raise :class:`DataError` naming the dataset, row and column, or, with
-``data.on_bad_row: skip``, are dropped and counted.
+Texts are tokenized in batches (one call to the fast tokenizer for many rows).
+Bad rows raise :class:`DataError` naming the dataset, row (counted from 0) and
+column, or, with ``data.on_bad_row: skip``, are dropped and counted.
 """
 
 from __future__ import annotations
@@ -26,13 +35,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from aligner.data.formats import RowError, detect_paired, is_conversational, paired_parts, unpaired_parts
 from aligner.data.load import DataError
 
 log = logging.getLogger(__name__)
 
-PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
-UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-OPTIONAL_COLUMNS = ("id",)
+#: Rows per batched call to the tokenizer.
+BATCH_ROWS = 1000
 
 
 @dataclass
@@ -55,164 +64,197 @@ class UnpairedExample:
     desirable: bool
 
 
-class RowError(ValueError):
-    def __init__(self, column: str, problem: str):
-        super().__init__(problem)
-        self.column = column
-        self.problem = problem
+@dataclass
+class Encoded:
+    """One row's ids before it becomes an example."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    label: bool | None
+    truncated: bool
 
 
-def check_columns(columns: list[str], label: str) -> bool:
-    """Refuse a dataset that is neither paired nor unpaired; warn about ignored columns.
-
-    Returns True for paired data (``prompt``, ``chosen``, ``rejected``), False
-    for unpaired data (``prompt``, ``completion``, ``label``).
-    """
-    paired = not ("completion" in columns and "label" in columns and "chosen" not in columns and "rejected" not in columns)
-    expected = PAIRED_COLUMNS if paired else UNPAIRED_COLUMNS
-    missing = [c for c in expected if c not in columns]
-    if missing:
-        raise DataError(
-            f"dataset {label} lacks column(s) {', '.join(missing)}; it has {', '.join(columns) or 'none'}. "
-            f"Preference data needs prompt, chosen and rejected (strings, or lists of chat messages); "
-            f"unpaired data (for kto) needs prompt, completion and label (true/false)"
-        )
-    extra = [c for c in columns if c not in expected + OPTIONAL_COLUMNS]
-    if extra:
-        log.warning("dataset %s: ignoring column(s) %s", label, ", ".join(extra))
-    return paired
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list)
-
-
-def _check_messages(column: str, value: list) -> None:
-    if not value:
-        raise RowError(column, "is an empty message list")
+def _check_messages(column: str, value: Any) -> None:
+    if not isinstance(value, list) or not value:
+        raise RowError(column, "is an empty message list" if isinstance(value, list) else
+                       f"must be a list of chat messages like the other columns, got {type(value).__name__}")
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
             raise RowError(column, f"message {i} must be a mapping with string 'role' and 'content', got {msg!r}")
 
 
-def _texts(row: dict, tokenizer: Any, columns: tuple[str, ...] = PAIRED_COLUMNS) -> tuple[str, list[str], bool]:
-    """Return (prompt text, response texts, prompt_has_special_tokens) for a row.
-
-    ``columns`` is the prompt column followed by the response columns.
-    """
-    values = [row.get(c) for c in columns]
-    prompt, responses = values[0], values[1:]
-    if all(_is_messages(v) for v in values):
-        for column, value in zip(columns, values):
+def render_row(row: dict, tokenizer: Any, paired: bool) -> tuple[str, list[str], bool, bool | None]:
+    """(prompt text, prompt+response texts, templated, label) of one row, by TRL's rules (module doc)."""
+    if paired:
+        prompt, responses = paired_parts(row)
+        label, names = None, ("chosen", "rejected")
+        if responses[0] == responses[1]:
+            raise RowError("rejected", "is identical to chosen; a preference pair needs two different responses")
+    else:
+        prompt, responses, label = unpaired_parts(row)
+        names = ("completion",)
+    if is_conversational(prompt):
+        for column, value in zip(("prompt", *names), (prompt, *responses)):
             _check_messages(column, value)
         if not getattr(tokenizer, "chat_template", None):
-            raise RowError(
-                "prompt",
-                "is a chat conversation but the model's tokenizer has no chat template; give string rows, "
-                "or a tokenizer with a chat_template in its tokenizer_config.json",
-            )
+            raise RowError("prompt", "is a chat conversation but the model's tokenizer has no chat template; give "
+                                     "string rows, set model.chat_template, or use a tokenizer with a chat_template")
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        texts = []
-        for column, value in zip(columns[1:], responses):
-            full = tokenizer.apply_chat_template(prompt + value, tokenize=False)
-            if not full.startswith(prompt_text):
-                raise RowError(column, "the chat template does not render the prompt as a prefix of prompt+response")
-            texts.append(full[len(prompt_text):])
-        return prompt_text, texts, True
-    for column, value in zip(columns, values):
+        fulls = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in responses]
+        return prompt_text, fulls, True, label
+    for column, value in zip(("prompt", *names), (prompt, *responses)):
         if not isinstance(value, str):
-            kinds = {c: type(v).__name__ for c, v in zip(columns, values)}
-            raise RowError(column, f"must be a string (or all {len(columns)} columns message lists), got {kinds}")
-    return prompt, list(responses), False
-
-
-def _tokenize(prompt: str, responses: list[str], columns: tuple[str, ...], templated: bool, tokenizer: Any,
-              max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[list[int]], bool]:
-    """Tokenize a prompt and its responses (each + EOS), truncated; returns the ids and whether anything was cut."""
-    for column, text in zip(columns, responses):
-        if not text.strip():
+            kinds = {c: type(v).__name__ for c, v in zip(("prompt", *names), (prompt, *responses))}
+            raise RowError(column, f"must be a string (or all columns message lists), got {kinds}")
+    eos = tokenizer.eos_token or ""
+    for column, text in zip(names, responses):
+        if not text.strip() or text == eos:
             raise RowError(column, "is an empty response")
-    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-    eos = tokenizer.eos_token_id
-    response_ids = []
-    for text in responses:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        response_ids.append(ids)
+    return prompt, [prompt + (r if r.endswith(eos) else r + eos) for r in responses], False, label
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_ids(prompt_ids: list[int], full_ids: list[list[int]], names: tuple[str, ...], max_length: int,
+              max_prompt_length: int | None) -> tuple[list[int], list[list[int]], bool]:
+    """Prompt = the prefix every sequence shares; responses = the rest; then truncation (module doc)."""
+    cut = min(_common_prefix(prompt_ids, f) for f in full_ids)
+    prompt, responses = prompt_ids[:cut], [f[cut:] for f in full_ids]
+    for column, ids in zip(names, responses):
+        if not ids:
+            raise RowError(column, "is empty once the prompt is removed (the template writes nothing after the prompt)")
     truncated = False
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
-    room = max_length - len(prompt_ids)
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt, truncated = prompt[-max_prompt_length:], True
+    room = max_length - len(prompt)
     if room < 1:
         raise RowError(
             "prompt",
-            f"has {len(prompt_ids)} tokens, which leaves no room for a response within data.max_length={max_length}; "
+            f"has {len(prompt)} tokens, which leaves no room for a response within data.max_length={max_length}; "
             f"raise data.max_length or set data.max_prompt_length to truncate prompts from the left",
         )
-    if any(len(r) > room for r in response_ids):
-        truncated = True
-    return prompt_ids, [r[:room] for r in response_ids], truncated
+    truncated = truncated or any(len(r) > room for r in responses)
+    return prompt, [r[:room] for r in responses], truncated
 
 
-def tokenize_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], list[int], bool]:
-    """Tokenize one paired row; returns prompt, chosen and rejected ids and whether it was truncated."""
-    prompt, (chosen, rejected), templated = _texts(row, tokenizer)
-    if chosen == rejected and chosen.strip():
-        raise RowError("rejected", "is identical to chosen; a preference pair needs two different responses")
-    prompt_ids, (c, r), truncated = _tokenize(prompt, [chosen, rejected], PAIRED_COLUMNS[1:], templated, tokenizer,
-                                              max_length, max_prompt_length)
-    return prompt_ids, c, r, truncated
-
-
-def tokenize_unpaired_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], bool, bool]:
-    """Tokenize one unpaired row; returns prompt and completion ids, the label and whether it was truncated."""
-    label = row.get("label")
-    if not isinstance(label, bool):
-        got = "missing" if label is None else f"{label!r} ({type(label).__name__})"
-        raise RowError("label", f"must be true (desirable) or false (undesirable), got {got}")
-    prompt, (completion,), templated = _texts(row, tokenizer, UNPAIRED_COLUMNS[:2])
-    prompt_ids, (completion_ids,), truncated = _tokenize(prompt, [completion], ("completion",), templated, tokenizer,
-                                                         max_length, max_prompt_length)
-    return prompt_ids, completion_ids, label, truncated
-
-
-def tokenize_dataset(rows: Any, tokenizer: Any, max_length: int, max_prompt_length: int | None,
-                     on_bad_row: str, label: str) -> list[Example] | list[UnpairedExample]:
-    """Validate and tokenize every row of a paired or unpaired dataset (``datasets.Dataset`` or list of dicts)."""
-    columns = list(rows.column_names) if hasattr(rows, "column_names") else list(dict.fromkeys(k for r in rows for k in r))
-    paired = check_columns(columns, label)
-    examples: list[Example] | list[UnpairedExample] = []
-    skipped: Counter[str] = Counter()
-    seen_ids: dict[str, int] = {}
-    n_truncated = 0
-    for index, row in enumerate(rows):
+def encode_rows(rows: list[dict], tokenizer: Any, paired: bool, max_length: int,
+                max_prompt_length: int | None) -> list[Encoded | RowError]:
+    """Encode many rows with two batched tokenizer calls (plain text with special tokens, templated without)."""
+    names = ("chosen", "rejected") if paired else ("completion",)
+    rendered: list[tuple[str, list[str], bool, bool | None] | RowError] = []
+    for row in rows:
         try:
-            example_id = str(row["id"]) if row.get("id") is not None else str(index)
-            if example_id in seen_ids:
-                raise RowError("id", f"repeats the id {example_id!r} of row {seen_ids[example_id]}; ids must be unique")
-            if paired:
-                p, c, r, truncated = tokenize_row(row, tokenizer, max_length, max_prompt_length)
-                example = Example(example_id, p, c, r)
-            else:
-                p, c, desirable, truncated = tokenize_unpaired_row(row, tokenizer, max_length, max_prompt_length)
-                example = UnpairedExample(example_id, p, c, desirable)
+            rendered.append(render_row(row, tokenizer, paired))
         except RowError as exc:
+            rendered.append(exc)
+    ids: dict[bool, list[list[int]]] = {}
+    for templated in (False, True):
+        texts = [t for r in rendered if not isinstance(r, RowError) and r[2] == templated for t in (r[0], *r[1])]
+        ids[templated] = tokenizer(texts, add_special_tokens=not templated)["input_ids"] if texts else []
+    cursor = {False: 0, True: 0}
+    out: list[Encoded | RowError] = []
+    for r in rendered:
+        if isinstance(r, RowError):
+            out.append(r)
+            continue
+        _, fulls, templated, label = r
+        start, cursor[templated] = cursor[templated], cursor[templated] + 1 + len(fulls)
+        seqs = ids[templated][start:cursor[templated]]
+        try:
+            prompt, responses, truncated = split_ids(seqs[0], seqs[1:], names, max_length, max_prompt_length)
+            out.append(Encoded(prompt, responses, label, truncated))
+        except RowError as exc:
+            out.append(exc)
+    return out
+
+
+def row_ids(raw_ids: list[Any] | None, n: int) -> list[str]:
+    """The ``id`` column as strings, or the row numbers (from 0) where there is none."""
+    return [str(v) if v is not None else str(i) for i, v in enumerate(raw_ids or [None] * n)]
+
+
+def bad_row(label: str, index: int | str, column: str, problem: str) -> DataError:
+    return DataError(f"dataset {label}, row {index}, column '{column}': {problem}. "
+                     f"Fix the row, or set data.on_bad_row: skip to drop bad rows")
+
+
+def check_ids(ids: list[str], keep: list[bool], label: str, on_bad_row: str) -> None:
+    """Refuse (or, with skip, drop) a row whose id repeats an earlier kept row's."""
+    seen: dict[str, int] = {}
+    for index, (example_id, ok) in enumerate(zip(ids, keep)):
+        if not ok:
+            continue
+        if example_id in seen:
             if on_bad_row == "skip":
-                skipped[f"column '{exc.column}' {exc.problem.split(';')[0]}"] += 1
+                keep[index] = False
                 continue
-            raise DataError(
-                f"dataset {label}, row {index}, column '{exc.column}': {exc.problem}. "
-                f"Fix the row, or set data.on_bad_row: skip to drop bad rows"
-            ) from None
-        seen_ids[example_id] = index
-        n_truncated += truncated
-        examples.append(example)
+            raise bad_row(label, index, "id", f"repeats the id {example_id!r} of row {seen[example_id]}; ids must be unique")
+        seen[example_id] = index
+
+
+def report(label: str, skipped: Counter, n_truncated: int, n_kept: int, max_length: int) -> None:
+    """Log what was skipped and truncated; refuse a dataset with no usable row."""
     if skipped:
         log.warning("dataset %s: skipped %d bad row(s): %s", label, sum(skipped.values()),
                     "; ".join(f"{n}x {why}" for why, n in skipped.most_common()))
     if n_truncated:
-        log.info("dataset %s: truncated %d of %d rows to data.max_length=%d", label, n_truncated, len(examples), max_length)
-    if not examples:
+        log.info("dataset %s: truncated %d of %d rows to data.max_length=%d", label, n_truncated, n_kept, max_length)
+    if not n_kept:
         raise DataError(f"dataset {label} has no usable rows ({sum(skipped.values())} skipped as bad); see the warnings above")
+
+
+def tokenize_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], list[int], bool]:
+    """Tokenize one paired row; returns prompt, chosen and rejected ids and whether it was truncated."""
+    (result,) = encode_rows([row], tokenizer, True, max_length, max_prompt_length)
+    if isinstance(result, RowError):
+        raise result
+    return result.prompt_ids, result.responses[0], result.responses[1], result.truncated
+
+
+def tokenize_unpaired_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], bool, bool]:
+    """Tokenize one unpaired row; returns prompt and completion ids, the label and whether it was truncated."""
+    (result,) = encode_rows([row], tokenizer, False, max_length, max_prompt_length)
+    if isinstance(result, RowError):
+        raise result
+    return result.prompt_ids, result.responses[0], bool(result.label), result.truncated
+
+
+def tokenize_dataset(rows: Any, tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                     on_bad_row: str, label: str) -> list[Example] | list[UnpairedExample]:
+    """Validate and tokenize every row in memory (a ``datasets.Dataset`` or a list of dicts).
+
+    Training runs go through :func:`aligner.data.prepare.prepare_data` instead (parallel, cached); this is
+    the same encoding, for small sets and tests.
+    """
+    rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    paired = detect_paired(columns, label)
+    encoded: list[Encoded | RowError] = []
+    for start in range(0, len(rows), BATCH_ROWS):
+        encoded += encode_rows(rows[start:start + BATCH_ROWS], tokenizer, paired, max_length, max_prompt_length)
+    ids = row_ids([r.get("id") for r in rows] if "id" in columns else None, len(rows))
+    keep, skipped = keep_rows(encoded, label, on_bad_row)
+    check_ids(ids, keep, label, on_bad_row)
+    examples = [Example(i, e.prompt_ids, *e.responses) if paired else UnpairedExample(i, e.prompt_ids, e.responses[0], e.label)
+                for i, e, ok in zip(ids, encoded, keep) if ok]
+    report(label, skipped, sum(e.truncated for e, ok in zip(encoded, keep) if ok), len(examples), max_length)
     return examples
+
+
+def keep_rows(encoded: list[Encoded | RowError], label: str, on_bad_row: str, first_index: int = 0) -> tuple[list[bool], Counter]:
+    """Which rows are usable; the first bad one raises unless ``on_bad_row`` is ``skip`` (then counted by reason)."""
+    keep, skipped = [], Counter()
+    for index, e in enumerate(encoded, start=first_index):
+        if isinstance(e, RowError):
+            if on_bad_row != "skip":
+                raise bad_row(label, index, e.column, e.problem)
+            skipped[f"column '{e.column}' {e.problem.split(';')[0]}"] += 1
+        keep.append(not isinstance(e, RowError))
+    return keep, skipped

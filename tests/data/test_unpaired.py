@@ -49,7 +49,8 @@ def test_conversational_unpaired_rows_go_through_the_chat_template(tiny_tokenize
     row = {"prompt": [{"role": "user", "content": "sort 2 1 ="}], "completion": [{"role": "assistant", "content": " 1 2"}],
            "label": False}
     (ex,) = tok_all([row], tiny_tokenizer)
-    assert tiny_tokenizer.decode(ex.prompt_ids + ex.completion_ids) == "<|user|>sort 2 1 =\n<|assistant|> 1 2\n</s>"
+    # TRL 1.16: a conversational completion is what the template writes after the prompt, no EOS added
+    assert tiny_tokenizer.decode(ex.prompt_ids + ex.completion_ids) == "<|user|>sort 2 1 =\n<|assistant|> 1 2\n"
 
 
 @pytest.mark.parametrize("labels, row, got", [
@@ -127,8 +128,10 @@ def test_unpaired_data_is_refused_for_a_loss_that_trains_on_pairs(tmp_path, tiny
 
     spec = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(2))
     plugins = activate(["dpo"])
-    cfg = build_config({"data": {"max_length": 64}}, plugins.config_sections())
+    data = {"train": str(spec), "eval": None, "max_length": 64}
+    cfg = build_config({"data": data}, plugins.config_sections())
     with pytest.raises(DataError, match=r"is unpaired \(prompt, completion, label\), but the loss 'dpo' trains on preference pairs"):
-        load_examples(spec, tiny_tokenizer, cfg, f"data.train ({spec})", plugins)
+        load_examples(tiny_tokenizer, cfg, plugins)
     kto_plugins = activate(["kto"])
-    assert len(load_examples(spec, tiny_tokenizer, build_config({}, kto_plugins.config_sections()), "x", kto_plugins)) == 4
+    train, _ = load_examples(tiny_tokenizer, build_config({"data": data}, kto_plugins.config_sections()), kto_plugins)
+    assert len(train) == 4
