@@ -209,11 +209,14 @@ class FrozenModel:
 def data_is_paired(cfg) -> bool | None:
     """Whether ``data.train`` holds preference pairs, from its columns; None when it cannot be read here
     (the estimate then assumes pairs, and says so)."""
-    from aligner.data import DataError, load_rows
-    from aligner.data.tokenize import check_columns
+    from aligner.data import DataError
+    from aligner.data.formats import detect_paired
+    from aligner.data.prepare import load_source, sources
 
+    d = cfg.data
     try:
-        return check_columns(list(load_rows(cfg.data.train).column_names), f"data.train ({cfg.data.train})")
+        first = sources(d.train, d.train_split, d.subset, d.columns, "data.train")[0]
+        return detect_paired(list(load_source(first, cfg.train.seed).column_names), f"data.train ({first.label})")
     except DataError:
         return None
 
