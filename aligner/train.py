@@ -24,6 +24,7 @@ from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, mak
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
+from aligner.losses import pair_only_losses
 from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, available_plugins, list_plugins_table
 from aligner.step import gather_inputs, total_loss
 
@@ -109,10 +110,11 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
 def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str, plugins: ActivePlugins):
     rows = load_rows(spec)
     examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.on_bad_row, label)
-    if isinstance(examples[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+    pair_only = pair_only_losses(plugins, cfg) if isinstance(examples[0], UnpairedExample) else []
+    if pair_only:
         raise DataError(
-            f"dataset {label} is unpaired (prompt, completion, label), but the loss '{plugins.loss}' trains on "
-            f"preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) or paired data"
+            f"dataset {label} is unpaired (prompt, completion, label), but the loss '{', '.join(pair_only)}' trains on "
+            f"preference pairs (prompt, chosen, rejected); use losses that take unpaired data (e.g. --plugins kto) or paired data"
         )
     return examples
 
