@@ -145,3 +145,13 @@ def test_unpaired_data_is_refused_for_a_loss_that_trains_on_pairs(tmp_path, tiny
         load_examples(spec, tiny_tokenizer, cfg, f"data.train ({spec})", plugins)
     kto_plugins = activate(["kto"])
     assert len(load_examples(spec, tiny_tokenizer, build_config({}, kto_plugins.config_sections()), "x", kto_plugins)) == 4
+
+
+def test_unpaired_data_is_refused_when_any_of_several_losses_trains_on_pairs(tmp_path, tiny_tokenizer):
+    from aligner.train import load_examples
+
+    spec = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(2))
+    plugins = activate(["kto", "sft"])  # kto takes unpaired rows, sft does not
+    cfg = build_config({"data": {"max_length": 64}}, plugins.config_sections())
+    with pytest.raises(DataError, match=r"but the loss 'sft' trains on preference pairs"):
+        load_examples(spec, tiny_tokenizer, cfg, f"data.train ({spec})", plugins)
