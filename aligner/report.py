@@ -20,7 +20,7 @@ PANELS: list[tuple[str, str, list[str]]] = [
     ("rewards", "Implicit rewards", ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"]),
     ("margins", "Reward margins", ["rewards/margins", "eval/rewards/margins"]),
     ("accuracies", "Preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies", "eval/*accuracy*"]),
-    ("flip_rate", "FlipGuard: flips against the anchor", ["flipguard/flip_rate", "eval/*flip*"]),
+    ("flip_rate", "FlipGuard: flips against the anchor", ["flipguard/flip_rate", "eval/regression/*flip*"]),
     ("trust_region", "Trust region: reference-policy distance", ["tr/ref_policy_l2"]),
     ("throughput", "Throughput (real tokens/s, whole job)", ["perf/tokens_per_s"]),
 ]

@@ -19,12 +19,13 @@ from collections.abc import Callable
 
 import torch
 
+from aligner.data import DataError
 from aligner.models import ModelError
 
 
-def load_reward_model(name_or_path: str, flag: str = "--reward-model"):
-    """The reward model and its tokenizer, from a local folder or a Hub ID (through the HF cache, offline-safe)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def check_reward_model(name_or_path: str, flag: str = "--reward-model") -> None:
+    """Refuse what is not a reward model (no config there, or not one score output), without loading weights."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
@@ -34,6 +35,13 @@ def load_reward_model(name_or_path: str, flag: str = "--reward-model"):
     if getattr(config, "num_labels", None) != 1:
         raise ModelError(f"{flag}: {name_or_path} has num_labels={getattr(config, 'num_labels', None)}; a reward model "
                          f"has one score output (AutoModelForSequenceClassification with num_labels=1)")
+
+
+def load_reward_model(name_or_path: str, flag: str = "--reward-model"):
+    """The reward model and its tokenizer, from a local folder or a Hub ID (through the HF cache, offline-safe)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    check_reward_model(name_or_path, flag)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -64,3 +72,21 @@ def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size
         if progress is not None:
             progress(len(texts))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def generation_prompts(rows, tokenizer, label: str) -> tuple[list[str], list[str]]:
+    """(what each model continues, what the reward model reads as x) for every row's ``prompt``:
+    a string as it is; a message list through the policy's chat template, the RM reading its last message."""
+    if "prompt" not in rows.column_names:
+        raise DataError(f"{label}: the reward-model judge needs a 'prompt' column; the columns are {', '.join(rows.column_names)}")
+    to_generate, to_judge = [], []
+    for i, prompt in enumerate(rows["prompt"]):
+        if isinstance(prompt, str):
+            to_generate.append(prompt)
+            to_judge.append(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+            to_generate.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+            to_judge.append(prompt[-1]["content"])
+        else:
+            raise DataError(f"{label}, row {i}, column 'prompt': expected a string or a list of chat messages, got {prompt!r}")
+    return to_generate, to_judge

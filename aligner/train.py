@@ -26,6 +26,7 @@ from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
 from aligner.losses import pair_only_losses
 from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, available_plugins, list_plugins_table
+from aligner.reward_eval import RewardJudge
 from aligner.step import gather_inputs, total_loss
 
 log = logging.getLogger("aligner")
@@ -205,6 +206,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
 
     train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
     eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
+    judge = RewardJudge(cfg, tokenizer, rank) if cfg.eval.reward_model else None  # refuses a bad one before the engines
     if rank == 0:
         plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
         out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +245,8 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         if not eval_set:
             return
         metrics, inputs = evaluate(plugins, engines, eval_set, cfg, pad_id, eval_static)
+        if judge is not None:
+            metrics.update(judge.evaluate(engines.policy.module))
         tb.log(step, metrics)
         final_metrics.update(metrics)
         if rank == 0:  # per-example policy log-probs, to check an exported model against the engine

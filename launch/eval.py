@@ -29,7 +29,7 @@ from aligner.generate import generate
 from aligner.hookspecs import SequenceLogps
 from aligner.logps import batch_logps
 from aligner.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
-from aligner.reward_judge import load_reward_model, score
+from aligner.reward_judge import generation_prompts, load_reward_model, score
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,24 +116,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         scores_out.write_text(json.dumps(per_prompt, indent=1) + "\n")
         result["reward_model"]["scores_file"] = str(scores_out)
     return result
-
-
-def generation_prompts(rows, tokenizer, label: str) -> tuple[list[str], list[str]]:
-    """(what each model continues, what the reward model reads as x) for every row's ``prompt``:
-    a string as it is; a message list through the policy's chat template, the RM reading its last message."""
-    if "prompt" not in rows.column_names:
-        raise DataError(f"{label}: the reward-model judge needs a 'prompt' column; the columns are {', '.join(rows.column_names)}")
-    to_generate, to_judge = [], []
-    for i, prompt in enumerate(rows["prompt"]):
-        if isinstance(prompt, str):
-            to_generate.append(prompt)
-            to_judge.append(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
-            to_generate.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-            to_judge.append(prompt[-1]["content"])
-        else:
-            raise DataError(f"{label}, row {i}, column 'prompt': expected a string or a list of chat messages, got {prompt!r}")
-    return to_generate, to_judge
 
 
 def reward_model_judge(args, model, anchor, tokenizer, rows, n_new: int) -> tuple[dict, list[dict]]:

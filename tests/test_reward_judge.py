@@ -87,3 +87,47 @@ def test_a_reward_model_with_several_outputs_or_no_config_is_refused(tmp_path, t
     with pytest.raises(SystemExit) as exc:
         main([*common, "--reward-model", str(tmp_path / "two"), "--epsilon", "-1"])
     assert exc.value.code == 2 and "--epsilon must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+# eval.reward_model: the same judge during training (aligner/reward_eval.py)
+
+def test_eval_reward_model_refuses_a_run_without_eval_data_and_a_bad_model(tmp_path, reward_model_dir, tiny_tokenizer):
+    from aligner.config import ConfigError, build_config
+    from aligner.models import ModelError
+    from aligner.reward_eval import RewardJudge
+
+    cfg = build_config({"data": {"eval": None}, "eval": {"reward_model": str(reward_model_dir)}})
+    with pytest.raises(ConfigError, match="eval.reward_model judges generations on data.eval's prompts, but data.eval is null"):
+        RewardJudge(cfg, tiny_tokenizer, rank=0)
+    for rank in (0, 1):  # every rank refuses alike, so none waits for the others
+        cfg = build_config({"eval": {"reward_model": str(tmp_path / "nope")}})
+        with pytest.raises(ModelError, match=r"eval.reward_model: cannot load"):
+            RewardJudge(cfg, tiny_tokenizer, rank=rank)
+    with pytest.raises(ConfigError, match="eval.reward_epsilon must be >= 0, got -0.5"):
+        build_config({"eval": {"reward_epsilon": -0.5}})
+
+
+@pytest.mark.slow
+def test_eval_reward_model_logs_generation_regression_against_the_policy_before_training(tmp_path, reward_model_dir,
+                                                                                          data_file, tiny_tokenizer):
+    from conftest import launch, read_scalars
+
+    out = tmp_path / "run"
+    proc = launch(["--config", "configs/tiny-cpu.yaml", "--plugins", "dpo", "--set", f"output_dir={out}",
+                   "train.max_steps=3", "train.save_every=0", "eval.every=0", f"data.eval={data_file}",
+                   f"eval.reward_model={reward_model_dir}", "eval.reward_max_new_tokens=10", "eval.reward_epsilon=0.001"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scalars = read_scalars(out / "tensorboard")
+    tag = "eval/regression/generation/"
+    first = {k: dict(scalars[tag + k])[0] for k in ("policy_reward", "anchor_reward", "negative_flip_rate", "positive_flip_rate")}
+    assert first["policy_reward"] == first["anchor_reward"] and first["negative_flip_rate"] == first["positive_flip_rate"] == 0
+    assert dict(scalars[tag + "anchor_reward"])[3] == pytest.approx(first["anchor_reward"])  # the same anchor at the end
+    anchor = json.loads((out / "reward_judge_anchor.json").read_text())
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    prompts = [json.loads(line)["prompt"] for line in data_file.read_text().splitlines()]
+    rescored = []
+    for prompt, response in zip(prompts, anchor["responses"]):
+        ids = tiny_tokenizer(rm_text(tiny_tokenizer, prompt, response), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            rescored.append(float(rm(**ids).logits[0, 0]))
+    assert len(rescored) == N_PROMPTS and first["anchor_reward"] == pytest.approx(sum(rescored) / N_PROMPTS, abs=1e-5)
