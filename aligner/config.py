@@ -149,11 +149,19 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  #: evaluate every N optimizer steps (0: only before training and at the end)
     batch_size: int = 16  #: preference pairs per rank per eval micro-batch
+    #: A reward model (folder or Hub ID, ``AutoModelForSequenceClassification``) that judges the policy's greedy
+    #: generations on ``data.eval``'s prompts against the policy's before training (aligner/reward_eval.py).
+    reward_model: str | None = None
+    reward_epsilon: float = 0.0  #: a negative flip when R(x, y_pre) − R(x, y_θ) > this
+    reward_max_new_tokens: int = 64  #: generation length for the reward-model judge
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.reward_max_new_tokens", self.reward_max_new_tokens)
+        if self.reward_epsilon < 0:
+            raise ConfigError(f"eval.reward_epsilon must be >= 0, got {self.reward_epsilon}")
 
 
 @dataclass

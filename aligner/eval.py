@@ -61,9 +61,11 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
             values = {m: float(getattr(getattr(inputs, m), side)[j]) for m in built}
             local.append({"id": batch_examples[index].id, "side": side, **values,
                           "tokens": int(getattr(inputs, f"{side}_tokens")[j])})
-            if inputs.kl_policy is not None:
-                ref = inputs.kl_reference[row] if inputs.kl_reference is not None else float("nan")
-                local_kl.append((float(inputs.kl_policy[row]), float(ref)))
+        if inputs.kl_policy is not None:  # mismatched rows whose prompt is a real example's
+            for k, index in enumerate(batch.mismatched.row_index):
+                if index < n_real:
+                    ref = inputs.kl_reference[k] if inputs.kl_reference is not None else float("nan")
+                    local_kl.append((float(inputs.kl_policy[k]), float(ref)))
     gathered = [(local, local_kl)]
     if world > 1:
         gathered = [None] * world

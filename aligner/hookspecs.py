@@ -8,9 +8,11 @@ argument added here breaks no plugin.
 Every plugin implements :func:`aligner_plugin_info`, and usually
 :func:`aligner_config_section` and :func:`aligner_required_models`. Then, by role:
 
-- ``loss`` (exactly one per run): :func:`aligner_loss`; a loss that takes
-  unpaired data or needs mismatched-pair log-probs (KTO) says so in
-  :func:`aligner_required_inputs`.
+- ``loss`` (at least one per run; ``dpo`` when none is named): :func:`aligner_loss`.
+  Each loss's options inherit :class:`LossConfig`, whose ``weight`` the core
+  multiplies the loss's term by; ``train/loss`` is the weighted sum of the loss
+  terms plus the constraints' terms. A loss that takes unpaired data or needs
+  mismatched-pair log-probs (KTO) says so in :func:`aligner_required_inputs`.
 - ``constraint`` (any number): :func:`aligner_constraint`.
 - ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
 
@@ -144,6 +146,23 @@ class DatasetSummary:
 
 
 @dataclass
+class LossConfig:
+    """The options every loss plugin has; a loss plugin's config dataclass inherits this one.
+
+    ``weight`` (default 1, the one place that default lives) multiplies the
+    loss's term in ``train/loss`` (TRL's ``loss_weights``), e.g. MPO is
+    ``--plugins dpo,bco_pair,sft --set dpo.weight=0.8 --set bco_pair.weight=0.2``.
+    A subclass with its own ``__post_init__`` calls ``super().__post_init__()``.
+    """
+
+    weight: float = 1.0  #: this loss's weight in ``train/loss`` (>= 0)
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0 or self.weight == float("inf"):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
+
+
+@dataclass
 class LossOutput:
     """A scalar loss term and the metrics to log beside it (TensorBoard tag -> scalar tensor)."""
 
@@ -152,9 +171,13 @@ class LossOutput:
 
     @classmethod
     def pairwise(cls, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> LossOutput:
-        """A pairwise loss's output: the mean of its per-pair ``losses`` (B,), and TRL's reward metrics from the
-        (B,) implicit rewards: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (means) and
-        ``rewards/accuracies`` (share of pairs with chosen > rejected)."""
+        """A reference-free pairwise loss's output: the mean of its per-pair ``losses`` (B,), and TRL's reward
+        metrics from its own (B,) rewards: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (means)
+        and ``rewards/accuracies`` (share of pairs with chosen > rejected).
+
+        When the run has a reference model the core logs ``rewards/*`` itself, from the DPO-form implicit
+        reward (:mod:`aligner.rewards`), and a loss's own ``rewards/*`` tags are dropped: a loss with a
+        reference returns ``LossOutput(losses.mean())`` and logs any other reward under its own prefix."""
         chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
         return cls(loss=losses.mean(), metrics={
             "rewards/chosen": chosen.mean(),
@@ -181,7 +204,7 @@ def aligner_plugin_info() -> PluginInfo:
     """Say what this plugin is.
 
     Called once per plugin when it is activated, on that plugin alone and before
-    any other hook; the registry uses the role to check that a run has exactly
+    any other hook; the registry uses the role to check that a run has at least
     one loss, at most one reference update and any number of constraints.
     """
 
@@ -257,8 +280,14 @@ def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
     :param config: the run config; a plugin reads its own section from
         ``config.plugins[name]``.
 
-    Return the mean loss over the micro-batch and its metrics. Called on the
-    run's loss plugin (``aligner/step.py``), whose term is added to the constraints'.
+    Return the mean loss over the micro-batch (unweighted: the core multiplies
+    it by ``<section>.weight``, see :class:`LossConfig`, and logs it as
+    ``<plugin name>/loss``) and its metrics, under the plugin's own prefix. The
+    core logs ``rewards/*`` once for all losses (DPO-form implicit reward, see
+    :mod:`aligner.rewards`) whenever a reference model is present.
+
+    The core calls each active loss plugin's implementation on its own, in
+    ``--plugins`` order (``aligner/step.py``), and adds the constraints' terms.
     """
 
 

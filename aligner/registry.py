@@ -113,8 +113,9 @@ class ActivePlugins:
         return [n for n, i in self.infos.items() if role is None or i.role == role]
 
     @property
-    def loss(self) -> str:
-        return self.names("loss")[0]
+    def losses(self) -> list[str]:
+        """The active loss plugins, in ``--plugins`` order (at least one)."""
+        return self.names("loss")
 
     @property
     def reference_update(self) -> str | None:
@@ -225,9 +226,10 @@ def activate(names: list[str]) -> ActivePlugins:
     """Build the plugin manager for a run from the names given with ``--plugins``.
 
     Each name is an installed plugin (entry point) or a ``module:attr`` target.
-    Exactly one loss is required (``dpo`` is added when none is named), at most
-    one reference update, any number of constraints; duplicates and unknown
-    names are errors that list what is available.
+    At least one loss is required (``dpo`` is added when none is named; several
+    losses are summed with their weights, see :class:`aligner.hookspecs.LossConfig`),
+    at most one reference update, any number of constraints; duplicates and
+    unknown names are errors that list what is available.
     """
     available = available_plugins()
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -258,16 +260,22 @@ def activate(names: list[str]) -> ActivePlugins:
         if DEFAULT_LOSS not in available:
             raise PluginError(f"no loss plugin given and the default '{DEFAULT_LOSS}' is not installed.\n{_describe(available)}")
         return activate([DEFAULT_LOSS, *names])
-    for role, most in (("loss", 1), ("reference_update", 1)):
-        chosen = active.names(role)
-        if len(chosen) > most:
-            options = [n for n, ap in available.items() if _role_of(ap) == role]
-            raise PluginError(
-                f"a run takes {'exactly' if role == 'loss' else 'at most'} one {role} plugin, got "
-                f"{', '.join(chosen)}; keep one of them in --plugins (the {role} plugins are: {', '.join(options)})"
-            )
+    check_roles(active, available)
     pm.check_pending()
     return active
+
+
+def check_roles(active: ActivePlugins, available: dict[str, AvailablePlugin]) -> None:
+    """The role rules: at least one loss (the caller adds the default), at most one reference update."""
+    if not active.losses:
+        raise PluginError(f"a run takes at least one loss plugin, got none; name one in --plugins.\n{_describe(available)}")
+    chosen = active.names("reference_update")
+    if len(chosen) > 1:
+        options = [n for n, ap in available.items() if _role_of(ap) == "reference_update"]
+        raise PluginError(
+            f"a run takes at most one reference_update plugin, got {', '.join(chosen)}; keep one of them in "
+            f"--plugins (the reference_update plugins are: {', '.join(options)})"
+        )
 
 
 def check_hooks(pm: pluggy.PluginManager, info: PluginInfo, label: str) -> None:

@@ -51,3 +51,16 @@ def generation_flips(model_rewards: torch.Tensor, anchor_rewards: torch.Tensor) 
         "negative_flip_rate": (model_rewards < anchor_rewards).double().mean().item(),
         "positive_flip_rate": (model_rewards > anchor_rewards).double().mean().item(),
     }
+
+
+def reward_model_flips(model_rewards: torch.Tensor, anchor_rewards: torch.Tensor, epsilon: float) -> dict[str, float]:
+    """FlipGuard's PPO-form judge: a negative flip when R(x, y_pre) − R(x, y_θ) > ε, a positive one when
+    R(x, y_θ) − R(x, y_pre) > ε, as shares of all N prompts; and the mean rewards of both models' generations."""
+    gap = anchor_rewards.double() - model_rewards.double()  # (N,) R(x, y_pre) − R(x, y_θ)
+    return {
+        "policy_reward": model_rewards.double().mean().item(),
+        "anchor_reward": anchor_rewards.double().mean().item(),
+        "negative_flip_rate": (gap > epsilon).double().mean().item(),
+        "positive_flip_rate": (-gap > epsilon).double().mean().item(),
+        "epsilon": float(epsilon),
+    }

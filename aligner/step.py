@@ -11,6 +11,8 @@ import torch
 from aligner.data.batch import Batch
 from aligner.hookspecs import Engines, LossOutput, SequenceLogps, StepInputs
 from aligner.logps import batch_logps
+from aligner.losses import loss_section, weighted_losses
+from aligner.rewards import flip_transitions, implicit_reward_metrics, reward_beta
 from aligner.registry import ActivePlugins, PluginHookError
 
 
@@ -67,16 +69,15 @@ def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, ch
 
 
 def total_loss(plugins: ActivePlugins, inputs: StepInputs, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss plugin's term plus every constraint's term, and the metrics of all of them.
+    """The weighted sum of the loss plugins' terms plus every constraint's term, and the metrics of all of them.
 
-    ``train/loss`` is the total that is back-propagated (as TRL's ``loss``);
+    ``train/loss`` is the total that is back-propagated (as TRL's ``loss``),
+    each loss's own term is ``<name>/loss`` (aligner/losses.py); ``rewards/*``
+    and ``flips/*`` are logged once, by the core (aligner/rewards.py);
     ``logps/chosen`` and ``logps/rejected`` are the policy's mean summed log-probs.
     """
-    loss_out = plugins.call_one(plugins.loss, "aligner_loss", inputs=inputs, config=config)
-    if not isinstance(loss_out, LossOutput):
-        raise PluginHookError(f"plugin '{plugins.loss}' failed in hook aligner_loss: returned {loss_out!r}, not a LossOutput")
-    loss = loss_out.loss
-    metrics = dict(loss_out.metrics)
+    sections = [loss_section(plugins, name, config) for name in plugins.losses]
+    loss, metrics = weighted_losses(plugins, inputs, config, sections, has_reference=inputs.reference is not None)
     for name, out in plugins.call_each("aligner_constraint", inputs=inputs, config=config):
         if out is None:
             continue
@@ -84,6 +85,8 @@ def total_loss(plugins: ActivePlugins, inputs: StepInputs, config) -> tuple[torc
             raise PluginHookError(f"plugin '{name}' failed in hook aligner_constraint: returned {out!r}, not a LossOutput")
         loss = loss + out.loss
         metrics.update(out.metrics)
+    metrics.update(implicit_reward_metrics(inputs, reward_beta(sections)))
+    metrics.update(flip_transitions(inputs))
     metrics["train/loss"] = loss.detach()
     metrics["logps/chosen"] = inputs.policy.chosen.detach().mean()
     metrics["logps/rejected"] = inputs.policy.rejected.detach().mean()

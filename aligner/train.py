@@ -24,8 +24,10 @@ from aligner.data import Batch, DataError, PairSampler, UnpairedExample, make_co
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
+from aligner.losses import pair_only_losses
 from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
 from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, inactive_sections, list_plugins_table
+from aligner.reward_eval import RewardJudge
 from aligner.step import gather_inputs, total_loss
 
 log = logging.getLogger("aligner")
@@ -102,11 +104,12 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
 def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
     """The train and eval splits, tokenized once per run and cached (aligner/data/prepare.py)."""
     train_set, eval_set = prepare_data(cfg, tokenizer)
-    if isinstance(train_set[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+    pair_only = pair_only_losses(plugins, cfg) if isinstance(train_set[0], UnpairedExample) else []
+    if pair_only:
         raise DataError(
-            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss '{plugins.loss}' "
-            f"trains on preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) "
-            f"or paired data"
+            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss "
+            f"'{', '.join(pair_only)}' trains on preference pairs (prompt, chosen, rejected); use losses that take "
+            f"unpaired data (e.g. --plugins kto) or paired data"
         )
     return train_set, eval_set
 
@@ -228,6 +231,8 @@ class Recipe:
     def setup_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
+        # The reward-model judge (eval.reward_model) is loaded now, so a bad one is refused before the engines.
+        self.judge = RewardJudge(cfg, self.tokenizer, self.rank) if cfg.eval.reward_model else None
         if self.rank == 0:
             self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
                                    config=cfg)
@@ -357,6 +362,8 @@ class Recipe:
         if not self.eval_set:
             return
         metrics, inputs = evaluate(self.plugins, self.engines, self.eval_set, self.cfg, self.pad_id, self.eval_static, self.plan)
+        if self.judge is not None:
+            metrics.update(self.judge.evaluate(self.policy.module))
         self.tb.log(step, metrics)
         self.final_metrics.update(metrics)
         if self.rank == 0:  # per-example policy log-probs, to check an exported model against the engine

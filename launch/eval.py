@@ -6,7 +6,11 @@ Prints and writes (json) what aligner/regression.py defines: on the preference
 pairs, the accuracy (log-likelihood margin > 0) of both models, the negative
 and positive flip rates and the mean margins; and, when every prompt is one of
 the embedded sort task, the generation judge: greedy responses of both models
-scored by the task's gold reward.
+scored by the task's gold reward. With ``--reward-model`` (a folder or a Hub ID
+of an ``AutoModelForSequenceClassification``), the greedy responses to every
+prompt of any dataset are scored by that reward model (aligner/reward_judge.py):
+NFR, PFR (a negative flip when R(x, y_pre) − R(x, y_θ) > ``--epsilon``) and the
+mean rewards, and ``--scores-out`` gets the per-prompt responses and scores.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from aligner.data import DataError, load_rows, tokenize_dataset
 from aligner.data.synthetic import gold_reward
 from aligner.generate import generate
 from aligner.logps import score_pairs
-from aligner.regression import generation_flips, likelihood_margins, preference_flips
+from aligner.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
+from aligner.reward_judge import generation_prompts, load_reward_model, score
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation length for the embedded-task judge (default: longest chosen response + 4)")
-    return p.parse_args(argv)
+    p.add_argument("--reward-model", default=None,
+                   help="judge both models' greedy generations with this reward model (folder or Hub ID)")
+    p.add_argument("--epsilon", type=float, default=0.0,
+                   help="reward-model judge: a negative flip when R(x, y_anchor) - R(x, y_model) > epsilon (default: 0)")
+    p.add_argument("--scores-out", default=None,
+                   help="reward-model judge: json of per-prompt responses and scores (default: <out>_scores.json)")
+    args = p.parse_args(argv)
+    if args.epsilon < 0:
+        p.error(f"--epsilon must be >= 0, got {args.epsilon}")
+    return args
 
 
 def load(path_or_name: str, flag: str, revision: str | None = None):
@@ -87,7 +101,43 @@ def evaluate(args: argparse.Namespace) -> dict:
                      for t in generate(m, tokenizer, prompts[s:s + args.batch_size], n_new)]
             rewards[name] = torch.tensor([gold_reward(p, t) for p, t in zip(prompts, texts)])
         result["generation"] = generation_flips(rewards["model"], rewards["anchor"])
+    if args.reward_model:
+        n_new = args.max_new_tokens or max(len(ex.chosen_ids) for ex in examples) + 4
+        result["reward_model"], per_prompt = reward_model_judge(args, model, anchor, tokenizer, rows, n_new)
+        scores_out = Path(args.scores_out or Path(args.out).with_suffix("").as_posix() + "_scores.json")
+        scores_out.write_text(json.dumps(per_prompt, indent=1) + "\n")
+        result["reward_model"]["scores_file"] = str(scores_out)
     return result
+
+
+def reward_model_judge(args, model, anchor, tokenizer, rows, n_new: int) -> tuple[dict, list[dict]]:
+    """Greedy responses of both models to every prompt, in batches, scored by ``--reward-model``."""
+    from tqdm import tqdm
+
+    rm, rm_tokenizer = load_reward_model(args.reward_model)
+    to_generate, to_judge = generation_prompts(rows, tokenizer, f"--data ({args.data})")
+    templated = bool(rows) and not isinstance(rows[0]["prompt"], str)
+    responses, rewards = {}, {}
+    with tqdm(total=4 * len(to_generate), desc="reward-model judge", unit="seq", file=sys.stderr) as bar:
+        for name, m in (("model", model), ("anchor", anchor)):
+            responses[name] = []
+            for s in range(0, len(to_generate), args.batch_size):
+                batch = to_generate[s:s + args.batch_size]
+                # a chat template writes its own special tokens; a string prompt is tokenized as for training
+                responses[name] += generate(m, tokenizer, batch, n_new, add_special_tokens=not templated)
+                bar.update(len(batch))
+        for name in ("model", "anchor"):
+            rewards[name] = score(rm, rm_tokenizer, to_judge, responses[name], args.batch_size, bar.update)
+    summary = reward_model_flips(rewards["model"], rewards["anchor"], args.epsilon)
+    summary["reward_model"] = args.reward_model
+    per_prompt = []
+    for i, prompt in enumerate(to_judge):
+        gap = float(rewards["anchor"][i] - rewards["model"][i])
+        flip = "negative" if gap > args.epsilon else "positive" if -gap > args.epsilon else "none"
+        per_prompt.append({"index": i, "prompt": prompt, "model_response": responses["model"][i],
+                           "anchor_response": responses["anchor"][i], "model_reward": float(rewards["model"][i]),
+                           "anchor_reward": float(rewards["anchor"][i]), "flip": flip})
+    return summary, per_prompt
 
 
 def main(argv: list[str] | None = None) -> int:

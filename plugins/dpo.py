@@ -6,17 +6,25 @@ responses, the loss is
 
     L = −log σ(m)
 
-averaged over the micro-batch. With ``dpo.label_smoothing`` = ε > 0 it is the
-robust (conservative) variant, as TRL computes it:
+averaged over the micro-batch. With ``dpo.label_smoothing`` = ε > 0 it is
+**conservative DPO (cDPO)** (Mitchell, 2023, "A note on DPO with noisy
+preferences and relationship to IPO", a technical note without an arXiv id):
+the labels are taken to be flipped with probability ε, and the loss is the
+cross-entropy against those soft labels,
 
     L = −(1 − ε)·log σ(m) − ε·log σ(−m)
+
+This is *not* TRL's ``robust`` loss (Chowdhury et al., 2024, arXiv:2403.00409),
+which is the unbiased [−(1 − ε)·log σ(m) + ε·log σ(−m)]/(1 − 2ε): that one is
+the separate ``robust`` plugin. TRL 1.16's ``sigmoid`` loss takes no label
+smoothing; older TRL versions computed the cDPO form above.
 
 log π is the sum of the response tokens' log-probs. Defaults: β = 0.1 (the
 paper's and TRL's default), ε = 0. At the first step policy = reference, so
 m = 0 and L = ln 2 ≈ 0.6931.
 
-Metrics, with TRL's names: ``rewards/chosen`` and ``rewards/rejected`` (mean
-r), ``rewards/margins`` (mean m), ``rewards/accuracies`` (share with m > 0).
+Metrics: ``dpo/loss`` (this term); the core logs TRL's ``rewards/*`` from r
+(aligner/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations
@@ -26,17 +34,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "dpo"
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(LossConfig):
     beta: float = 0.1  #: β, the strength of the implicit KL penalty
-    label_smoothing: float = 0.0  #: ε in [0, 0.5): assumed probability that a pair's label is flipped
+    label_smoothing: float = 0.0  #: ε in [0, 0.5): cDPO's assumed probability that a pair's label is flipped
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -55,7 +64,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 @hookimpl
 def aligner_plugin_info() -> PluginInfo:
-    return PluginInfo(name=NAME, role="loss", summary="DPO: -log σ(β·Δlog-ratio), optional label smoothing (robust DPO)")
+    return PluginInfo(name=NAME, role="loss", summary="DPO: -log σ(β·Δlog-ratio), optional label smoothing (conservative DPO, cDPO)")
 
 
 @hookimpl
@@ -71,8 +80,8 @@ def aligner_required_models(config) -> set[str]:
 @hookimpl
 def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     cfg: DPOConfig = config.section(NAME)
-    losses, chosen_r, rejected_r = dpo_loss(
+    losses, _, _ = dpo_loss(
         inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected,
         cfg.beta, cfg.label_smoothing,
     )
-    return LossOutput.pairwise(losses, chosen_r, rejected_r)
+    return LossOutput(losses.mean())

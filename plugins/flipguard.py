@@ -168,4 +168,4 @@ def aligner_constraint(inputs: StepInputs, config) -> LossOutput:
 @hookimpl
 def aligner_report_panels() -> list[tuple[str, str, list[str]]]:
     """The share of flipped examples in training, and the evaluation's flip rates against the anchor."""
-    return [("flip_rate", "FlipGuard: flips against the anchor", ["flipguard/flip_rate", "eval/*flip*"])]
+    return [("flip_rate", "FlipGuard: flips against the anchor", ["flipguard/flip_rate", "eval/regression/*flip*"])]

@@ -11,8 +11,8 @@ gradient. β is the reciprocal of the margin in log-ratio units (TRL's wording).
 Default β = 0.1, TRL's ``DPOConfig.beta`` default. At the first step
 policy = reference, so m = 0 and L = 1.
 
-Metrics, with TRL's names: ``rewards/chosen``, ``rewards/rejected`` (mean r),
-``rewards/margins`` (mean m), ``rewards/accuracies`` (share with m > 0).
+Metrics: ``hinge/loss`` (this term); the core logs TRL's ``rewards/*`` from r
+(aligner/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "hinge"
 
 
 @dataclass
-class HingeConfig:
+class HingeConfig(LossConfig):
     beta: float = 0.1  #: β: the hinge is at a log-ratio margin of 1/β
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"hinge.beta must be > 0, got {self.beta}")
 
@@ -65,7 +66,7 @@ def aligner_required_models(config) -> set[str]:
 def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     """L = mean over pairs of relu(1 − m) (see the module docstring)."""
     cfg: HingeConfig = config.section(NAME)
-    losses, chosen_r, rejected_r = hinge_loss(
+    losses, _, _ = hinge_loss(
         inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected, cfg.beta,
     )
-    return LossOutput.pairwise(losses, chosen_r, rejected_r)
+    return LossOutput(losses.mean())

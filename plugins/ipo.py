@@ -17,9 +17,13 @@ data. Default: β = 0.1, TRL's ``DPOConfig.beta`` default, which it uses for
 every loss type. At the first step policy = reference, so h = 0 and
 L = (1/(2β))² (= 25 at β = 0.1).
 
-Metrics, with TRL's names and its IPO convention (rewards on the averaged
-log-ratios): ``rewards/chosen`` and ``rewards/rejected`` (mean β·ρ),
-``rewards/margins`` (mean β·h), ``rewards/accuracies`` (share with h > 0).
+Metrics: ``ipo/loss`` (this term), and the averaged form of the rewards
+under this plugin's prefix: ``ipo/rewards/chosen`` and ``ipo/rewards/rejected``
+(mean β·ρ), ``ipo/rewards/margins`` (mean β·h), ``ipo/rewards/accuracies``
+(share with h > 0). TRL 1.16 logs ``rewards/*`` from the *summed* log-ratio
+β·(log π_θ − log π_ref) for every loss type, IPO included; the core logs
+exactly that (aligner/rewards.py). Options inherit ``weight``
+(aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations
@@ -28,16 +32,17 @@ from dataclasses import dataclass
 
 import torch
 
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "ipo"
 
 
 @dataclass
-class IPOConfig:
+class IPOConfig(LossConfig):
     beta: float = 0.1  #: β (the paper's τ); the margin target is 1/(2β). Not comparable to dpo.beta.
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"ipo.beta must be > 0, got {self.beta}")
 
@@ -78,4 +83,5 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
         inputs.policy.chosen, inputs.policy.rejected, inputs.reference.chosen, inputs.reference.rejected,
         inputs.chosen_tokens, inputs.rejected_tokens, cfg.beta,
     )
-    return LossOutput.pairwise(losses, chosen_r, rejected_r)
+    averaged = LossOutput.pairwise(losses, chosen_r, rejected_r)
+    return LossOutput(averaged.loss, {f"{NAME}/{tag}": value for tag, value in averaged.metrics.items()})

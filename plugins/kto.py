@@ -7,8 +7,9 @@ reference point
     z₀ = max(0, mean over mismatched pairs (x, y') of log π_θ(y'|x) − log π_ref(y'|x)),
 
 a biased estimate of KL(π_θ ‖ π_ref) from the batch's completions scored after
-other rows' prompts (the completions shifted by one, as TRL builds its KL
-batch), with no gradient, the per-completion losses are
+other rows' prompts, with no gradient: as TRL's KTOTrainer builds its KL batch,
+row i's prompt with row i−1's completion, in the micro-batch's example (file)
+order (row 0 takes the last row's completion; aligner/data/collate.py), the per-completion losses are
 
     desirable:    λ_D·(1 − σ(β·(ρ(y) − z₀)))
     undesirable:  λ_U·(1 − σ(β·(z₀ − ρ(y))))
@@ -29,11 +30,12 @@ unbalanced data the paper advises weights such that
 "desirable_weight"/"undesirable_weight"); a training set outside that range
 gets a warning with the numbers and a suggested weight.
 
-Metrics: ``rewards/chosen`` and ``rewards/rejected`` (mean β·ρ of the
-desirable and of the undesirable completions; NaN, i.e. not logged, for a
-micro-batch without one of them), ``rewards/margins`` (their difference),
-``rewards/accuracies`` (paired data only: share of pairs with
-ρ(y_w) > ρ(y_l)), and ``kto/kl`` (z₀).
+Metrics: ``kto/loss`` (this term) and ``kto/kl`` (z₀). The core logs
+``rewards/chosen`` and ``rewards/rejected`` (mean β·ρ of the desirable and of
+the undesirable completions; NaN, i.e. not logged, for a micro-batch without
+one of them), ``rewards/margins`` (their difference) and
+``rewards/accuracies`` (paired data only), aligner/rewards.py. Options inherit
+``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aligner.hookspecs import DatasetSummary, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import DatasetSummary, LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "kto"
 log = logging.getLogger(__name__)
@@ -52,12 +54,13 @@ ADVISED_RATIO = (1.0, 4 / 3)  #: λ_D·n_D / (λ_U·n_U), the KTO paper's advice
 
 
 @dataclass
-class KTOConfig:
+class KTOConfig(LossConfig):
     beta: float = 0.1  #: β, the scale of the log-ratio inside the sigmoid
     desirable_weight: float = 1.0  #: λ_D, weight of the desirable completions' losses
     undesirable_weight: float = 1.0  #: λ_U, weight of the undesirable completions' losses
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"kto.{key} must be > 0, got {getattr(self, key)}")
@@ -149,20 +152,8 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     """L = mean over the micro-batch's completions of the weighted KTO losses (see the module docstring)."""
     cfg: KTOConfig = config.section(NAME)
     z0 = kl_baseline(inputs.kl_policy, inputs.kl_reference)
-    losses, chosen_r, rejected_r = kto_loss(
+    losses, _, _ = kto_loss(
         inputs.policy.chosen, inputs.reference.chosen, inputs.policy.rejected, inputs.reference.rejected,
         z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight,
     )
-    chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
-    nan = torch.tensor(float("nan"))
-    chosen_mean = chosen_r.mean() if chosen_r.numel() else nan
-    rejected_mean = rejected_r.mean() if rejected_r.numel() else nan
-    metrics = {
-        "rewards/chosen": chosen_mean,
-        "rewards/rejected": rejected_mean,
-        "rewards/margins": chosen_mean - rejected_mean,
-        "kto/kl": z0,
-    }
-    if inputs.paired:
-        metrics["rewards/accuracies"] = (chosen_r > rejected_r).float().mean()
-    return LossOutput(loss=losses.mean(), metrics=metrics)
+    return LossOutput(loss=losses.mean(), metrics={"kto/kl": z0})

@@ -15,9 +15,16 @@ authors' repository README states; it adds that larger β such as 10 may work
 better), and γ = 0.5, TRL's ``CPOConfig.simpo_gamma`` default and torchtune's
 ``SimPOLoss`` default. γ is the margin itself here, not TRL's γ/β.
 
-Metrics, with TRL's names: ``rewards/chosen`` and ``rewards/rejected``
-(mean r), ``rewards/margins`` (mean r(y_w) − r(y_l)), ``rewards/accuracies``
-(share with r(y_w) > r(y_l)).
+Metrics: ``simpo/loss`` (this term) and, with TRL's names (as its CPOTrainer
+logs them for SimPO), ``rewards/chosen`` and ``rewards/rejected`` (mean r),
+``rewards/margins`` (mean r(y_w) − r(y_l)), ``rewards/accuracies`` (share with
+r(y_w) > r(y_l)). Those ``rewards/*`` are this reference-free reward only in a
+run without a reference model; when another plugin brings a reference, the
+core's DPO-form ``rewards/*`` replace them (aligner/rewards.py).
+
+TRL 1.16's DPOTrainer ``loss_type="sigmoid_norm"`` is a different loss (DPO on
+per-token averaged log-ratios, with a reference): the ``sigmoid_norm`` plugin.
+Options inherit ``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations
@@ -27,17 +34,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "simpo"
 
 
 @dataclass
-class SimPOConfig:
+class SimPOConfig(LossConfig):
     beta: float = 2.0  #: β, the reward scale
     gamma: float = 0.5  #: γ, the target reward margin
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"simpo.beta must be > 0, got {self.beta}")
         if self.gamma < 0:

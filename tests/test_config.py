@@ -12,7 +12,7 @@ def test_default_config_file_builds(tmp_path):
     cfg, plugins = configure(parse_args(["--config", str(ROOT / "configs/tiny-cpu.yaml")]))
     assert cfg.model.name_or_path == "embedded:tiny-sort"
     assert cfg.section("dpo").beta == 0.1
-    assert plugins.loss == "dpo"
+    assert plugins.losses == ["dpo"]
 
 
 def test_set_overrides_parse_numbers_written_like_5e_7():

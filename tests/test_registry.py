@@ -21,7 +21,7 @@ def test_list_plugins_table_shows_role_package_and_summary():
 
 def test_no_loss_given_adds_the_default_dpo():
     active = activate(["plugin_fixtures.extra:chosen_nll"])
-    assert active.loss == "dpo"
+    assert active.losses == ["dpo"]
     assert active.names("constraint") == ["chosen_nll"]
 
 
@@ -30,9 +30,15 @@ def test_unknown_plugin_error_lists_the_available_ones():
         activate(["nope"])
 
 
-def test_two_losses_is_a_role_conflict():
-    with pytest.raises(PluginError, match=r"exactly one loss plugin, got dpo, second_loss.*the loss plugins are: dpo"):
-        activate(["dpo", "plugin_fixtures.extra:second_loss"])
+def test_several_losses_activate_in_plugins_order():
+    active = activate(["ipo", "plugin_fixtures.extra:second_loss", "dpo"])
+    assert active.losses == ["ipo", "second_loss", "dpo"]
+
+
+def test_two_reference_updates_is_a_role_conflict():
+    with pytest.raises(PluginError, match=r"at most one reference_update plugin, got tr_soft, tr_hard; keep one of them"
+                                          r".*the reference_update plugins are: tr_hard, tr_soft"):
+        activate(["dpo", "tr_soft", "tr_hard"])
 
 
 def test_duplicate_name_is_refused():

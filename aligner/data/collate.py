@@ -46,9 +46,22 @@ def _rows(examples: list[Example] | list[UnpairedExample]) -> tuple[list[tuple[l
     return rows, [*range(len(examples)), *range(len(examples))]
 
 
+def example_order_rows(examples: list[Example] | list[UnpairedExample]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The (prompt, completion) rows in the examples' own (file) order, and each row's example index.
+
+    Unpaired examples: one row each, in the order given (not desirable-first).
+    Pairs: the chosen rows, then the rejected ones (the unpaired form of a
+    preference batch, as TRL's ``unpair_preference_dataset`` lays it out).
+    """
+    if examples and isinstance(examples[0], UnpairedExample):
+        return [(ex.prompt_ids, ex.completion_ids) for ex in examples], list(range(len(examples)))
+    return _rows(examples)
+
+
 def mismatched_rows(rows: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Row k's prompt with row k-1's response (the responses shifted by one, as TRL's KTO
-    builds its KL batch), the response cut so that prompt + response fits ``max_length``."""
+    """Row k's prompt with row k-1's response (row 0 with the last row's), as TRL's KTOTrainer builds
+    its KL batch; ``rows`` in example order (:func:`example_order_rows`). The response is cut so that
+    prompt + response fits ``max_length``."""
     out = []
     for k, (prompt, _) in enumerate(rows):
         response = rows[k - 1][1]
@@ -64,7 +77,8 @@ def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id:
     ``n_chosen`` (the first ``n_chosen`` rows are chosen/desirable), ``paired``,
     ``row_index`` (each row's index into ``examples``) and ``ids`` (the example
     ids: one per pair, or one per row for unpaired examples). With ``kl_pairs``,
-    ``mismatched`` holds the padded mismatched rows of :func:`mismatched_rows`.
+    ``mismatched`` holds the padded mismatched rows of :func:`mismatched_rows`, built in
+    example order; its ``row_index`` is the example index of each one's prompt.
     """
     rows, row_index = _rows(examples)
     paired = not isinstance(examples[0], UnpairedExample)
@@ -73,5 +87,6 @@ def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id:
     mismatched = None
     if kl_pairs:
         limit = max_length or max(len(p) + len(r) for p, r in rows)
-        mismatched = PaddedBatch(**pad_rows(mismatched_rows(rows, limit), pad_token_id), **labels)
+        ordered, kl_index = example_order_rows(examples)
+        mismatched = PaddedBatch(**pad_rows(mismatched_rows(ordered, limit), pad_token_id), **{**labels, "row_index": kl_index})
     return PaddedBatch(**pad_rows(rows, pad_token_id), **labels, mismatched=mismatched)

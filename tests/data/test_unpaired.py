@@ -68,18 +68,31 @@ def test_a_missing_or_non_bool_label_is_a_row_numbered_error(tmp_path, tiny_toke
         tok_all(load_rows(spec), tiny_tokenizer, label=spec)
 
 
-def test_collate_puts_desirable_rows_first_and_builds_shifted_kl_rows(tiny_tokenizer):
+def test_collate_puts_desirable_rows_first_and_builds_kl_rows_in_example_order(tiny_tokenizer):
     examples = tok_all(unpaired_rows(3), tiny_tokenizer)  # labels T F T F T F
     batch = collate_batch(examples, tiny_tokenizer.pad_token_id, kl_pairs=True, max_length=64)
     assert batch.n_chosen == 3 and batch.paired is False
     assert batch.row_index == [0, 2, 4, 1, 3, 5]
     assert batch.ids == [examples[i].id for i in (0, 2, 4, 1, 3, 5)]
     kl = batch.mismatched
-    for k, i in enumerate(batch.row_index):
-        previous = examples[batch.row_index[k - 1]]
-        n = len(examples[i].prompt_ids) + len(previous.completion_ids)
-        assert kl.input_ids[k, :n].tolist() == examples[i].prompt_ids + previous.completion_ids
+    assert kl.row_index == [0, 1, 2, 3, 4, 5]
+    for k, example in enumerate(examples):  # TRL's KL batch: prompt k with completion k-1, in file order
+        previous = examples[k - 1]
+        n = len(example.prompt_ids) + len(previous.completion_ids)
+        assert kl.input_ids[k, :n].tolist() == example.prompt_ids + previous.completion_ids
         assert kl.response_mask[k].sum() == len(previous.completion_ids)
+
+
+def test_kl_rows_of_a_t_f_t_t_batch_pair_as_trl_does(tiny_tokenizer):
+    """Labels [T, F, T, T], as (prompt, completion) example indices: shifting the desirable-first order
+    would give (0,1), (2,0), (3,2), (1,3); TRL pairs prompt i with completion i-1 in file order:
+    (0,3), (1,0), (2,1), (3,2). Only (3,2) is in both."""
+    examples = tok_all(unpaired_rows(3, every_rejected=3), tiny_tokenizer)  # T F T T
+    assert [ex.desirable for ex in examples] == [True, False, True, True]
+    batch = collate_batch(examples, tiny_tokenizer.pad_token_id, kl_pairs=True, max_length=64)
+    for k, j in enumerate([3, 0, 1, 2]):
+        n = len(examples[k].prompt_ids) + len(examples[j].completion_ids)
+        assert batch.mismatched.input_ids[k, :n].tolist() == examples[k].prompt_ids + examples[j].completion_ids
 
 
 def test_kl_rows_of_pairs_never_match_a_prompt_with_its_own_response():
@@ -135,3 +148,14 @@ def test_unpaired_data_is_refused_for_a_loss_that_trains_on_pairs(tmp_path, tiny
     kto_plugins = activate(["kto"])
     train, _ = load_examples(tiny_tokenizer, build_config({"data": data}, kto_plugins.config_sections()), kto_plugins)
     assert len(train) == 4
+
+
+def test_unpaired_data_is_refused_when_any_of_several_losses_trains_on_pairs(tmp_path, tiny_tokenizer):
+    from aligner.train import load_examples
+
+    spec = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(2))
+    plugins = activate(["kto", "sft"])  # kto takes unpaired rows, sft does not
+    data = {"train": str(spec), "eval": None, "max_length": 64}
+    cfg = build_config({"data": data}, plugins.config_sections())
+    with pytest.raises(DataError, match=r"but the loss 'sft' trains on preference pairs"):
+        load_examples(tiny_tokenizer, cfg, plugins)

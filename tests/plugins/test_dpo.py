@@ -6,6 +6,7 @@ import torch
 from aligner.config import build_config
 from aligner.hookspecs import SequenceLogps, StepInputs
 from aligner.registry import activate
+from aligner.step import total_loss
 from aligner_plugins import dpo
 
 
@@ -27,8 +28,10 @@ def test_dpo_hook_matches_an_independent_computation(beta, eps):
     inputs = StepInputs(SequenceLogps(pc, pr), SequenceLogps(rc, rr), None, torch.ones(16), torch.ones(16))
     out = plugins.call_one("dpo", "aligner_loss", inputs=inputs, config=cfg)
     assert float(out.loss) == pytest.approx(reference_dpo(pc, pr, rc, rr, beta, eps), abs=1e-9)
-    assert float(out.metrics["rewards/margins"]) == pytest.approx(float((beta * ((pc - rc) - (pr - rr))).mean()), abs=1e-9)
-    assert float(out.metrics["rewards/accuracies"]) == float(((pc - rc) > (pr - rr)).double().mean())
+    metrics = total_loss(plugins, inputs, cfg)[1]  # rewards/* are the core's, from the DPO-form reward
+    assert float(metrics["dpo/loss"]) == pytest.approx(float(out.loss), abs=1e-12)
+    assert float(metrics["rewards/margins"]) == pytest.approx(float((beta * ((pc - rc) - (pr - rr))).mean()), abs=1e-9)
+    assert float(metrics["rewards/accuracies"]) == float(((pc - rc) > (pr - rr)).double().mean())
 
 
 def test_dpo_gradient_passes_gradcheck():

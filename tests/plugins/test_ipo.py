@@ -4,6 +4,7 @@ import torch
 from aligner.config import build_config
 from aligner.hookspecs import SequenceLogps, StepInputs
 from aligner.registry import activate
+from aligner.step import total_loss
 from aligner_plugins import ipo
 
 
@@ -28,12 +29,18 @@ def test_ipo_hook_matches_an_independent_computation(beta):
     pc, pr, rc, rr, nc, nr = random_inputs(0)
     plugins = activate(["ipo"])
     cfg = build_config({"ipo": {"beta": beta}}, plugins.config_sections())
-    out = plugins.call_one("ipo", "aligner_loss", inputs=StepInputs(SequenceLogps(pc, pr), SequenceLogps(rc, rr), None, nc, nr),
-                           config=cfg)
+    inputs = StepInputs(SequenceLogps(pc, pr), SequenceLogps(rc, rr), None, nc, nr)
+    out = plugins.call_one("ipo", "aligner_loss", inputs=inputs, config=cfg)
     assert float(out.loss) == pytest.approx(reference_ipo(pc, pr, rc, rr, nc, nr, beta), abs=1e-6)
-    margins = beta * ((pc - rc) / nc - (pr - rr) / nr)
-    assert float(out.metrics["rewards/margins"]) == pytest.approx(float(margins.mean()), abs=1e-6)
-    assert float(out.metrics["rewards/accuracies"]) == float((margins > 0).double().mean())
+    margins = beta * ((pc - rc) / nc - (pr - rr) / nr)  # the averaged form, under ipo/
+    assert float(out.metrics["ipo/rewards/margins"]) == pytest.approx(float(margins.mean()), abs=1e-6)
+    assert float(out.metrics["ipo/rewards/accuracies"]) == float((margins > 0).double().mean())
+    # rewards/* are what TRL 1.16 logs for IPO too: the summed log-ratio times β, logged by the core.
+    metrics = total_loss(plugins, inputs, cfg)[1]
+    summed = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    assert float(metrics["rewards/margins"]) == pytest.approx(sum(summed) / len(summed), abs=1e-6)
+    assert float(metrics["rewards/chosen"]) == pytest.approx(float((beta * (pc - rc)).mean()), abs=1e-6)
+    assert float(metrics["rewards/margins"]) != pytest.approx(float(margins.mean()), abs=1e-3)
 
 
 def test_ipo_gradient_passes_gradcheck():
