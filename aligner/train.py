@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
+from aligner import attention, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import DataError, PairSampler, UnpairedExample, load_rows, make_collate, tokenize_dataset
 from aligner.eval import evaluate
@@ -31,6 +31,9 @@ log = logging.getLogger("aligner")
 #: With ``train.on_nonfinite: skip``, a step that meets more non-finite micro-batches than this stops the run.
 MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+#: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
+USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
+               static_logps.StaticCacheError, checkpoint.CheckpointError)
 
 
 class RunError(RuntimeError):
@@ -61,6 +64,9 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     raw = apply_overrides(read_yaml(config_path), overrides)
     if args.plugins is not None:
         raw["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
+        if not raw["plugins"]:
+            raise ConfigError(f"--plugins {args.plugins!r} names no plugin; name a loss (e.g. --plugins dpo), or leave "
+                              f"--plugins out to use the config's plugins list")
     names = raw.get("plugins") or ["dpo"]
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
@@ -76,7 +82,8 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
                 continue
             if section:
                 inactive[section[0]] = name
-    return build_config(raw, sections, inactive, source=str(config_path)), plugins
+    overridden = {item.partition("=")[0].strip(): item for item in overrides}
+    return build_config(raw, sections, inactive, source=str(config_path), overridden=overridden), plugins
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -88,7 +95,8 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
-        return checkpoint.latest_checkpoint(out)
+        return resume_auto(out)
+    make_output_dir(out)
     if args.resume:
         path = Path(args.resume)
         checkpoint.read_meta(path)  # refuses a missing or half-written folder
@@ -104,6 +112,33 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
         for leftover in (out / "final_metrics.json", out / "eval_logps.jsonl", out / "config.json"):
             leftover.unlink(missing_ok=True)
     return None
+
+
+def resume_auto(out: Path) -> Path | None:
+    """The newest complete checkpoint; none yet in a folder where this run started is step 0, none in a folder
+    that never held a run is refused (a typo in output_dir must not silently retrain from scratch)."""
+    latest = checkpoint.latest_checkpoint(out)
+    if latest is None and not (out / "config.json").is_file():
+        raise RunError(
+            f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
+            f"output_dir for a typo, or leave out --resume to start a new run there"
+        )
+    if latest is None:
+        log.warning("--resume auto: no checkpoint in %s yet (the run there stopped before its first save); "
+                    "starting from step 0", out)
+    return latest
+
+
+def make_output_dir(out: Path) -> Path:
+    """Create ``output_dir`` (rank 0), or say why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        raise RunError(
+            f"output_dir {out} cannot be created: {exc.strerror} ({exc.filename}); a part of that path is a "
+            f"regular file, or not writable. Choose another output_dir"
+        ) from None
+    return out
 
 
 def load_examples(spec: str, tokenizer, cfg: RunConfig, label: str, plugins: ActivePlugins):
@@ -184,16 +219,18 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
 
 
 def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
+    launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
     models.init_distributed(cfg.train.dist_timeout_s)
     rank, world = rank_and_world()
+    stopwatch = preempt.StopWatch(rank, cfg.train.save_every_minutes)
+    stopwatch.install(launched)
+    teardown.register(stopwatch.close)
     out = Path(cfg.output_dir)
-    resume_from = prepare_output_dir(cfg, args, rank)
+    # Rank 0 checks the folder (and builds the embedded model) while the others wait; its errors are theirs.
+    resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, args, rank), USER_ERRORS + (RunError,))
     torch.manual_seed(cfg.train.seed)
-
-    # The embedded model is built once, by rank 0; the others wait and load it.
-    if rank == 0:
-        policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
-    dist.barrier()
+    policy_path = lockstep.on_rank_zero(lambda: models.resolve_path(cfg.model.name_or_path, "model.name_or_path"),
+                                        USER_ERRORS)
     if rank != 0:
         policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path")
     tokenizer = models.load_tokenizer(policy_path, cfg.model.trust_remote_code)
@@ -203,11 +240,13 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
 
     train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
     eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
-    if rank == 0:
+
+    def describe_run() -> None:
         plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (make_output_dir(out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(plugins.infos), len(train_set), len(eval_set), world)
+
+    lockstep.on_rank_zero(describe_run, USER_ERRORS + (RunError,))
 
     pad_id = tokenizer.pad_token_id
     paths = frozen_model_paths(cfg, plugins, policy_path)
@@ -221,7 +260,10 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
         log.info("models built: %s%s", ", ".join(built), shared)
     kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
-    sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
+    try:
+        sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
+    except ValueError as exc:  # too few rows for one step: the same on every rank
+        raise DataError(f"data.train ({cfg.data.train}): {exc}") from None
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(policy, resume_from)
@@ -235,6 +277,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
             log.info("resumed from %s at step %d", resume_from, start_step)
 
     tb = TensorBoardLogger(out / "tensorboard", rank, purge_step=start_step + 1)
+    teardown.register(tb.close)
     final_metrics: dict[str, float] = {}
 
     def run_eval(step: int) -> None:
@@ -261,6 +304,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         checkpoint.save(policy, out, step, client, write_extra=lambda folder: plugins.call_each(
             "aligner_save_checkpoint", directory=folder, engines=engines, config=cfg),
             meta=meta, keep_last=cfg.train.keep_last, rng=rng)
+        stopwatch.saved()
 
     def stop_nonfinite(step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
         """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
@@ -278,6 +322,7 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
     collate = make_collate(cfg.train.packing, pad_id, kl_pairs, cfg.data.max_length)
     meter = perf.PerfMeter(engines, cfg.model.dtype)
     bar = progress_bar(cfg.train.max_steps, start_step, rank)
+    teardown.register(bar.close)
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         started = time.perf_counter()
@@ -323,8 +368,11 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         final_metrics.update(values)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             run_eval(step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
+        stop, save_by_clock = stopwatch.decide()  # the same answer on every rank, once per optimizer step
+        if step != cfg.train.max_steps and (stop or save_by_clock or cfg.train.save_every and step % cfg.train.save_every == 0):
             save(step)
+        if stop and step != cfg.train.max_steps:
+            raise preempt.Preempted(step, checkpoint.checkpoint_root(out) / f"step_{step}", stopwatch.reasons())
     bar.close()
 
     if step > start_step or not checkpoint.list_checkpoints(out):
@@ -343,25 +391,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_plugins:
         print(list_plugins_table())
         return 0
-    cfg = None
+    cfg, code = None, 1
     try:
         cfg, plugins = configure(args)
         run(cfg, plugins, args)
-    except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError,
-            static_logps.StaticCacheError, checkpoint.CheckpointError) as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"aligner: error: {exc}", file=sys.stderr)
-        return 2
+        code = 0
+    except USER_ERRORS + (RunError,) as exc:
+        code = report(2, f"aligner: error: {exc}")
     except nonfinite.NonFiniteError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"aligner: stopped: {exc}", file=sys.stderr)
-        return 3
+        code = report(3, f"aligner: stopped: {exc}")
+    except preempt.Preempted as exc:
+        code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):
             raise
         print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
-        return 4
-    return 0
+        code = 4
+    finally:
+        teardown.shutdown(clean=code in (0, preempt.EXIT_PREEMPTED))
+    return code
+
+
+def report(code: int, line: str) -> int:
+    """Rank 0 prints the run's outcome (every rank has the same); return the exit code."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
+    return code
 
 
 def lost_peer(exc: BaseException) -> bool:
