@@ -248,8 +248,8 @@ class _Origin:
 
     def of_message(self, message: str, prefix: str, names: set[str]) -> str:
         """The origin of the first key of section ``prefix`` that a validation message names."""
-        named = [(message.find(f"{prefix}.{n}"), n) for n in names if f"{prefix}.{n}" in message]
-        return self(f"{prefix}.{min(named)[1]}") if named else self.source
+        named = [(message.find(f"{prefix}.{n}"), -len(n), n) for n in names if f"{prefix}.{n}" in message]
+        return self(f"{prefix}.{min(named)[2]}") if named else self.source  # the longest at the first place
 
 
 def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
