@@ -46,16 +46,3 @@ def on_rank_zero(fn: Callable[[], T], errors: tuple[type[BaseException], ...]) -
         cls, message = failed
         raise cls(message) from None
     return result
-
-
-def raise_if_any(failure: BaseException | None) -> None:
-    """Every rank passes its own error or None; if any rank had one, every rank raises the first. Collective."""
-    if _world() > 1:
-        gathered: list = [None] * _world()
-        dist.all_gather_object(gathered, None if failure is None else (type(failure), str(failure)))
-        first = next((g for g in gathered if g is not None), None)
-        if first is not None:
-            cls, message = first
-            raise cls(message) from None
-    elif failure is not None:
-        raise failure
