@@ -4,7 +4,9 @@ A process that reaches interpreter exit with the process group still alive leave
 its destruction to static destructors, which run while gloo's (or NCCL's) worker
 threads and the c10d store's thread may still be joinable; C++ then aborts with
 ``terminate called without an active exception`` (seen under load, one run in a
-few). So the run ends explicitly, in this order:
+few; the same message from a gloo group left to exit is pytorch/pytorch#190489, and
+pytorch/pytorch#179291 describes gloo's worker threads still holding work at
+interpreter finalization). So the run ends explicitly, in this order:
 
 1. closers registered by the run (the progress bar, the TensorBoard writer, whose
    thread flushes and joins on close, the launcher watcher), newest first;

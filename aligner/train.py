@@ -240,6 +240,10 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
 
     train_set = load_examples(cfg.data.train, tokenizer, cfg, f"data.train ({cfg.data.train})", plugins)
     eval_set = load_examples(cfg.data.eval, tokenizer, cfg, f"data.eval ({cfg.data.eval})", plugins) if cfg.data.eval else []
+    try:
+        sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
+    except ValueError as exc:  # too few rows for one step: the same on every rank, before any engine is built
+        raise DataError(f"data.train ({cfg.data.train}): {exc}") from None
 
     def describe_run() -> None:
         plugins.call_each("aligner_train_data", summary=summarize(train_set, f"data.train ({cfg.data.train})"), config=cfg)
@@ -260,10 +264,6 @@ def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dic
         shared = " (anchor = reference, one engine)" if engines.anchor is not None and engines.anchor is engines.reference else ""
         log.info("models built: %s%s", ", ".join(built), shared)
     kl_pairs = "kl_pairs" in plugins.required_inputs(cfg)
-    try:
-        sampler = PairSampler(len(train_set), cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.data.shuffle)
-    except ValueError as exc:  # too few rows for one step: the same on every rank
-        raise DataError(f"data.train ({cfg.data.train}): {exc}") from None
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(policy, resume_from)

@@ -5,7 +5,8 @@ teardown race seen once under load; aligner/teardown.py fixes the shutdown order
 This loop is the evidence: each run is the embedded config with ``--plugins simpo``
 (the issue's command), a few steps, a checkpoint and the export, while ``--load``
 busy processes compete for the cores. A run fails when its exit code is not 0 or its
-output holds ``terminate called`` or a ``Traceback``.
+output holds ``terminate called`` or a ``Traceback``. ``--max-minutes`` stops starting
+runs after that long; the table then says how many ran.
 
     python benchmarks/exit_soak.py --runs 30 --load 2
 """
@@ -48,15 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=int, default=2, help="busy processes competing for the CPU during the loop")
     p.add_argument("--plugins", default="simpo")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop starting runs after this long (0: no limit)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     burners = [mp.Process(target=burn, args=(time.time() + 3600,), daemon=True) for _ in range(args.load)]
     for b in burners:
         b.start()
-    failures, walls = [], []
+    failures, walls, loads = [], [], []
+    deadline = time.monotonic() + args.max_minutes * 60 if args.max_minutes else float("inf")
     try:
         with tempfile.TemporaryDirectory(prefix="exit-soak-") as tmp:
             for i in range(args.runs):
+                if time.monotonic() > deadline:
+                    break
+                loads.append(os.getloadavg()[0])
                 code, text, wall = one_run(Path(tmp) / f"run{i}", args.plugins, args.steps)
                 walls.append(wall)
                 bad = code != 0 or "terminate called" in text or "Traceback" in text
@@ -68,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         for b in burners:
             b.terminate()
     rows = [f"Command: `{command_line(__file__, argv)}`", "",
-            "| runs | busy processes | plugins | steps per run | failed | median wall s/run |", "|---|---|---|---|---|---|",
-            f"| {args.runs} | {args.load} | `{args.plugins}` | {args.steps} | {len(failures)} | "
-            f"{sorted(walls)[len(walls) // 2]:.1f} |"]
+            "| runs done (asked) | busy processes added | 1-min load average (min-max, 2 cores) | plugins | steps per run "
+            "| failed | median wall s/run |", "|---|---|---|---|---|---|---|",
+            f"| {len(walls)} ({args.runs}) | {args.load} | {min(loads):.1f}-{max(loads):.1f} | `{args.plugins}` | "
+            f"{args.steps} | {len(failures)} | {sorted(walls)[len(walls) // 2]:.1f} |"]
     rows += [f"- run {i}: exit {code}: `{line}`" for i, code, line in failures]
     table = "\n".join(rows)
     print(table)
