@@ -29,7 +29,9 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,13 +184,10 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         staging.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: a failed write (EFBIG), not a killed rank
     folder = staging / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rng or rng_state(), folder / f"rng_rank{rank}.pt")
-    if write_extra is not None:
-        write_extra(folder)
-    _barrier()
+    failure = _write_shards(engine, folder, client_state, rng or rng_state(), write_extra)
+    _raise_if_any_write_failed(failure and describe_write_failure(failure, staging, engine, output_dir), staging, output_dir)
     if rank == 0:
         _fsync_tree(folder)
         marker = {"step": step, "world_size": world, **(meta or {})}
@@ -198,12 +197,115 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
             shutil.rmtree(final)
         os.rename(folder, final)
         _write_atomically(root / LATEST, tag)
+        log.info("saved checkpoint %s: %s bytes (%.1f MiB)", final, f"{tree_bytes(final):,}", tree_bytes(final) / 2**20)
         shutil.rmtree(staging, ignore_errors=True)
         if keep_last > 0:
             for old in list_checkpoints(output_dir)[:-keep_last]:
                 shutil.rmtree(old)
     _barrier()
     return root / tag
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file-size limit); nothing was published."""
+
+
+class _WriteFailed(OSError):
+    """A file of a checkpoint could not be written (``filename`` says which)."""
+
+
+def _write_shards(engine, folder: Path, client_state: dict[str, Any], rng: dict[str, Any],
+                  write_extra: Callable[[Path], None] | None) -> BaseException | None:
+    """This rank's part of a save into the unpublished ``folder``; the write error, if one happened.
+
+    DeepSpeed's save runs collectives between its file writes, so a rank whose write
+    fails must not leave it early: its checkpoint engine's ``save`` is wrapped for the
+    call to record the first failure (torch.save reports a short write as a RuntimeError)
+    and skip the rest, and the save goes on in step with the other ranks.
+    """
+    failures: list[BaseException] = []
+    ckpt_engine = engine.checkpoint_engine
+    write = ckpt_engine.save
+
+    def save_or_record(state_dict, path, *args, **kwargs):
+        if failures:
+            return None
+        try:
+            return write(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            failures.append(_WriteFailed(exc.errno if isinstance(exc, OSError) else None, _first_line(exc), str(path)))
+            return None
+
+    ckpt_engine.save = save_or_record
+    try:
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+    except OSError as exc:  # a write outside the checkpoint engine (a folder, the recovery script)
+        _barrier()  # the one DeepSpeed's save ends with, which this rank skipped; a lost peer fails here
+        return exc
+    finally:
+        del ckpt_engine.save  # the class's own method again
+    if failures:
+        return failures[0]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rng, folder / f"rng_rank{_rank_world()[0]}.pt")
+        if write_extra is not None:
+            write_extra(folder)
+    except (OSError, RuntimeError) as exc:
+        return exc
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def tree_bytes(folder: Path) -> int:
+    """The bytes of every file under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def expected_bytes(engine, output_dir: str | Path) -> int:
+    """What a checkpoint of this run takes: the newest complete one's size, else about 16 bytes per parameter
+    (fp32 master weights, two Adam moments, and the weights)."""
+    found = list_checkpoints(output_dir)
+    if found:
+        return tree_bytes(found[-1])
+    return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def describe_write_failure(exc: BaseException, staging: Path, engine, output_dir: str | Path) -> str:
+    """One line: which rank failed where, why, the space and limit it had, and the bytes a checkpoint needs."""
+    rank, _ = _rank_world()
+    first = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+    where = getattr(exc, "filename", None) or staging
+    free = shutil.disk_usage(staging if staging.exists() else staging.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit_text = "none" if limit == resource.RLIM_INFINITY else f"{limit:,} bytes"
+    return (f"rank {rank} could not write {where} ({first}); that file system has {free:,} bytes free and this "
+            f"process's file-size limit (ulimit -f) is {limit_text}; a checkpoint of this run needs about "
+            f"{expected_bytes(engine, output_dir):,} bytes")
+
+
+def _raise_if_any_write_failed(message: str | None, staging: Path, output_dir: str | Path) -> None:
+    """Agree across ranks on whether the save failed; if so, drop the staging folder and raise on every rank."""
+    messages = [message]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    failed = [m for m in messages if m]
+    if not failed:
+        return
+    if _rank_world()[0] == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    latest = latest_checkpoint(output_dir)
+    kept = (f"the last complete checkpoint, {latest}, is intact and --resume auto takes it" if latest
+            else "no checkpoint was published yet")
+    raise CheckpointWriteError(
+        f"checkpoint {staging.name.removeprefix('.tmp-')} was not saved: {failed[0]}. Nothing of it was published: "
+        f"{kept}. Free space in {checkpoint_root(output_dir)} (or raise the limit, or move output_dir), then rerun "
+        f"with --resume auto"
+    )
 
 
 def load(engine, checkpoint_dir: Path) -> dict[str, Any]:

@@ -109,6 +109,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  #: 0 disables clipping
     save_every: int = 0  #: save a checkpoint every N steps (0: only at the end)
+    #: Also save once this many minutes of wall-clock (rank 0's clock) passed since the last save (0: off).
+    save_every_minutes: float = 0.0
     log_every: int = 1
     seed: int = 42
     zero_stage: int = 3
@@ -138,7 +140,8 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _positive("train.dist_timeout_s", self.dist_timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
-        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last"):
+        for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last",
+                    "save_every_minutes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
@@ -234,6 +237,7 @@ def build_config(
     plugin_sections: dict[str, type] | None = None,
     inactive_sections: dict[str, str] | None = None,
     source: str = "config",
+    overridden: dict[str, str] | None = None,
 ) -> RunConfig:
     """Turn a raw dict (YAML + overrides) into a typed :class:`RunConfig`.
 
@@ -241,18 +245,21 @@ def build_config(
     :param inactive_sections: section name -> plugin name, for installed plugins that
         are not active (their sections get a targeted error instead of "unknown key").
     :param source: where ``raw`` came from, for error messages.
+    :param overridden: dotted key -> the ``--set key=value`` item that set it: errors about
+        that key name the ``--set`` item instead of ``source``.
     """
     plugin_sections = plugin_sections or {}
     inactive_sections = inactive_sections or {}
+    origin = _Origin(source, overridden or {})
     kwargs: dict[str, Any] = {}
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         if key in CORE_SCALARS:
-            kwargs[key] = _coerce(value, CORE_SCALARS[key] if key != "plugins" else list[str], key, source)
+            kwargs[key] = _coerce(value, CORE_SCALARS[key] if key != "plugins" else list[str], key, origin(key))
         elif key in CORE_SECTIONS:
-            kwargs[key] = _build_section(CORE_SECTIONS[key], value, key, source)
+            kwargs[key] = _build_section(CORE_SECTIONS[key], value, key, origin)
         elif key in plugin_sections:
-            sections[key] = _build_section(plugin_sections[key], value, key, source)
+            sections[key] = _build_section(plugin_sections[key], value, key, origin)
         elif key in inactive_sections:
             raise ConfigError(
                 f"{source}: section '{key}' configures plugin '{inactive_sections[key]}', which is not active; "
@@ -262,11 +269,27 @@ def build_config(
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
             raise ConfigError(f"{source}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
     for key, cls in plugin_sections.items():
-        sections.setdefault(key, _build_section(cls, {}, key, source))
+        sections.setdefault(key, _build_section(cls, {}, key, origin))
     return RunConfig(**kwargs, sections=sections)
 
 
-def _build_section(cls: type, value: Any, prefix: str, source: str) -> Any:
+class _Origin:
+    """Where a key's value came from: the ``--set`` item that set it, else the config file."""
+
+    def __init__(self, source: str, overridden: dict[str, str]) -> None:
+        self.source, self.overridden = source, overridden
+
+    def __call__(self, key: str) -> str:
+        return f"--set {self.overridden[key]}" if key in self.overridden else self.source
+
+    def of_message(self, message: str, prefix: str, names: set[str]) -> str:
+        """The origin of the first key of section ``prefix`` that a validation message names."""
+        named = [(message.find(f"{prefix}.{n}"), -len(n), n) for n in names if f"{prefix}.{n}" in message]
+        return self(f"{prefix}.{min(named)[2]}") if named else self.source  # the longest at the first place
+
+
+def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
+    source = origin.source
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -279,13 +302,13 @@ def _build_section(cls: type, value: Any, prefix: str, source: str) -> Any:
             raise ConfigError(
                 f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
             )
-        kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", source)
+        kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"))
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{origin.of_message(str(exc), prefix, names)}: {exc}") from exc
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{source}: section '{prefix}': {exc}") from exc
+        raise ConfigError(f"{origin.of_message(str(exc), prefix, names)}: section '{prefix}': {exc}") from exc
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, checkpoint, models, nonfinite, perf, static_logps
+from aligner import attention, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, make_collate, prepare_data
 from aligner.eval import evaluate
@@ -34,6 +34,9 @@ log = logging.getLogger("aligner")
 #: With ``train.on_nonfinite: skip``, a step that meets more non-finite micro-batches than this stops the run.
 MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+#: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
+USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
+               static_logps.StaticCacheError, checkpoint.CheckpointError)
 
 
 class RunError(RuntimeError):
@@ -64,6 +67,9 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     raw = apply_overrides(read_yaml(config_path), overrides)
     if args.plugins is not None:
         raw["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
+        if not raw["plugins"]:
+            raise ConfigError(f"--plugins {args.plugins!r} names no plugin; name a loss (e.g. --plugins dpo), or leave "
+                              f"--plugins out to use the config's plugins list")
     names = raw.get("plugins") or []  # activate adds the default loss when none is named
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
@@ -71,7 +77,8 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     raw["plugins"] = list(plugins.infos)
     sections = plugins.config_sections()
     inactive = inactive_sections(plugins)
-    return build_config(raw, sections, inactive, source=str(config_path)), plugins
+    overridden = {item.partition("=")[0].strip(): item for item in overrides}
+    return build_config(raw, sections, inactive, source=str(config_path), overridden=overridden), plugins
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -83,7 +90,8 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
-        return checkpoint.latest_checkpoint(out)
+        return resume_auto(out)
+    make_output_dir(out)
     if args.resume:
         path = Path(args.resume)
         checkpoint.read_meta(path)  # refuses a missing or half-written folder
@@ -99,6 +107,33 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
         for leftover in (out / "final_metrics.json", out / "eval_logps.jsonl", out / "config.json"):
             leftover.unlink(missing_ok=True)
     return None
+
+
+def resume_auto(out: Path) -> Path | None:
+    """The newest complete checkpoint; none yet in a folder where this run started is step 0, none in a folder
+    that never held a run is refused (a typo in output_dir must not silently retrain from scratch)."""
+    latest = checkpoint.latest_checkpoint(out)
+    if latest is None and not (out / "config.json").is_file():
+        raise RunError(
+            f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
+            f"output_dir for a typo, or leave out --resume to start a new run there"
+        )
+    if latest is None:
+        log.warning("--resume auto: no checkpoint in %s yet (the run there stopped before its first save); "
+                    "starting from step 0", out)
+    return latest
+
+
+def make_output_dir(out: Path) -> Path:
+    """Create ``output_dir`` (rank 0), or say why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        raise RunError(
+            f"output_dir {out} cannot be created: {exc.strerror} ({exc.filename}); a part of that path is a "
+            f"regular file, or not writable. Choose another output_dir"
+        ) from None
+    return out
 
 
 def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
@@ -207,9 +242,15 @@ class Recipe:
     # -- setup: config, plugins, plan, data, engines ------------------------------------------------------------
     def setup(self) -> Recipe:
         cfg = self.cfg
+        launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
         models.init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = rank_and_world()
-        self.resume_from = prepare_output_dir(cfg, self.args, self.rank)
+        self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
+        self.stopwatch.install(launched)
+        teardown.register(self.stopwatch.close)
+        # Rank 0 checks the folder while the others wait; its errors are theirs.
+        self.resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, self.args, self.rank),
+                                                 USER_ERRORS + (RunError,))
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
@@ -221,25 +262,32 @@ class Recipe:
         self.setup_data()
         self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
         self.setup_models()
-        self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world, cfg.train.seed,
-                                   cfg.data.shuffle)
         self.start_step = self.restore() if self.resume_from is not None else 0
         self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
+        teardown.register(self.tb.close)
         self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length)
         return self
 
     def setup_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
+        try:  # too few rows for one step: the same on every rank, before any engine is built
+            self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world,
+                                       cfg.train.seed, cfg.data.shuffle)
+        except ValueError as exc:
+            raise DataError(f"data.train ({cfg.data.train}): {exc}") from None
         # The reward-model judge (eval.reward_model) is loaded now, so a bad one is refused before the engines.
         self.judge = RewardJudge(cfg, self.tokenizer, self.rank) if cfg.eval.reward_model else None
-        if self.rank == 0:
-            self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
-                                   config=cfg)
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(self.plugins.infos),
-                     len(self.train_set), len(self.eval_set), self.world)
+        lockstep.on_rank_zero(self.describe_run, USER_ERRORS + (RunError,))
+
+    def describe_run(self) -> None:
+        """Rank 0: the plugins' look at the training set, ``output_dir/config.json`` and the run's one-line summary."""
+        cfg = self.cfg
+        self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
+                               config=cfg)
+        (make_output_dir(self.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(self.plugins.infos),
+                 len(self.train_set), len(self.eval_set), self.world)
 
     def setup_models(self) -> None:
         """The static caches first (their pre-pass runs before the policy exists), then the engines."""
@@ -279,6 +327,7 @@ class Recipe:
         self.batches = iter(self.sampler)
         self.meter = perf.PerfMeter(self.engines, cfg.model.dtype)
         bar = progress_bar(cfg.train.max_steps, self.start_step, self.rank)
+        teardown.register(bar.close)
         step = self.start_step
         for step in range(self.start_step + 1, cfg.train.max_steps + 1):
             values = self.train_step(step)
@@ -331,12 +380,21 @@ class Recipe:
         return values
 
     def after_step(self, step: int) -> None:
-        """The one place, per optimizer step, that decides what happens before the next: eval, save."""
+        """The one place, per optimizer step, that decides what happens before the next: eval, save, stop.
+
+        A stop request (SIGTERM/SIGUSR1, a dead launcher: aligner/preempt.py) and the wall-clock save
+        (``train.save_every_minutes``) get the same answer on every rank, once per optimizer step.
+        """
         cfg = self.cfg
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+        if step == cfg.train.max_steps:
+            return  # finish() saves, evaluates and exports the last step
+        if cfg.eval.every and step % cfg.eval.every == 0:
             self.run_eval(step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
+        stop, save_by_clock = self.stopwatch.decide()
+        if stop or save_by_clock or (cfg.train.save_every and step % cfg.train.save_every == 0):
             self.save(step)
+        if stop:
+            raise preempt.Preempted(step, checkpoint.checkpoint_root(self.out) / f"step_{step}", self.stopwatch.reasons())
 
     def skip_nonfinite(self, step: int, skipped: int, batch: Batch, loss: torch.Tensor, resume_point: tuple) -> int:
         """A micro-batch with a non-finite loss: stop (``train.on_nonfinite: stop``, or too many) or skip it."""
@@ -376,6 +434,7 @@ class Recipe:
         checkpoint.save(self.policy, self.out, step, client, write_extra=lambda folder: plugins.call_each(
             "aligner_save_checkpoint", directory=folder, engines=self.engines, config=self.cfg),
             meta=self.meta, keep_last=self.cfg.train.keep_last, rng=rng)
+        self.stopwatch.saved()
 
     def finish(self, step: int) -> dict[str, float]:
         """The last checkpoint, the final eval and the HF export."""
@@ -416,25 +475,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_plugins:
         print(list_plugins_table())
         return 0
-    cfg = None
+    cfg, code = None, 1
     try:
         cfg, plugins = configure(args)
         run(cfg, plugins, args)
-    except (ConfigError, PluginError, DataError, models.ModelError, RunError, PluginHookError,
-            static_logps.StaticCacheError, checkpoint.CheckpointError) as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"aligner: error: {exc}", file=sys.stderr)
-        return 2
+        code = 0
+    except USER_ERRORS + (RunError,) as exc:
+        code = report(2, f"aligner: error: {exc}")
     except nonfinite.NonFiniteError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"aligner: stopped: {exc}", file=sys.stderr)
-        return 3
+        code = report(3, f"aligner: stopped: {exc}")
+    except preempt.Preempted as exc:
+        code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):
             raise
         print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
-        return 4
-    return 0
+        code = 4
+    finally:
+        teardown.shutdown(clean=code in (0, preempt.EXIT_PREEMPTED))
+    return code
+
+
+def report(code: int, line: str) -> int:
+    """Rank 0 prints the run's outcome (every rank has the same); return the exit code."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
+    return code
 
 
 def lost_peer(exc: BaseException) -> bool:

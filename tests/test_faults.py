@@ -197,9 +197,112 @@ def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, tiny_tokeni
     ("train.on_nonfinite", "ignore", "train.on_nonfinite must be one of stop, skip"),
     ("train.keep_last", "-1", "train.keep_last must be >= 0"),
     ("train.dist_timeout_s", "0", "train.dist_timeout_s must be > 0"),
+    ("train.save_every_minutes", "-5", "train.save_every_minutes must be >= 0"),
 ])
 def test_fault_handling_keys_are_validated(key, value, problem):
     from aligner.config import ConfigError, apply_overrides, build_config
 
     with pytest.raises(ConfigError, match=problem):
         build_config(apply_overrides({}, [f"{key}={value}"]))
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict:
+    """Rank 1 gets SIGUSR1 right after step 4 and SIGTERM while it writes step_4; then ``--resume auto``."""
+    out = tmp_path_factory.mktemp("signalled")
+    stopped = run(out, "faults.signal_at_step=4", "faults.signal_in_save_at=4")
+    after_stop = {"listed": [p.name for p in checkpoint.list_checkpoints(out)],
+                  "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "latest": (out / "checkpoints" / "latest").read_text(), "final": (out / "final").exists()}
+    return {"out": out, "stopped": stopped, "resumed": run(out, resume=True), **after_stop}
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_step_with_one_checkpoint(signalled):
+    stopped = signalled["stopped"]
+    assert stopped.returncode == 5, tail(stopped)  # preempt.EXIT_PREEMPTED, passed on by the launcher
+    assert signalled["listed"] == ["step_3", "step_4"] and signalled["latest"] == "step_4"
+    assert signalled["entries"] == ["latest", "step_3", "step_4"] and not signalled["final"]  # nothing half-written
+    assert "rank 1: received SIGUSR1; finishing this optimizer step" in stopped.stderr
+    assert "rank 1: received SIGTERM again; already stopping, the checkpoint save goes on" in stopped.stderr
+    line = re.search(r"aligner: (stopped after step .*)", stopped.stderr).group(1)
+    assert line == (f"stopped after step 4 (rank 1: received SIGUSR1); checkpoint {signalled['out']}/checkpoints/step_4 "
+                    f"is saved. To resume, rerun the same command with --resume auto")
+    assert "Traceback" not in stopped.stderr and "lost contact" not in stopped.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_a_signal_reproduces_the_uninterrupted_losses_exactly(reference, signalled):
+    resumed = signalled["resumed"]
+    assert resumed.returncode == 0, tail(resumed)
+    assert "step_4 at step 4" in resumed.stderr
+    assert losses(signalled["out"]) == losses(reference)  # bitwise: CPU fp32
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_a_save_keeps_the_last_checkpoint_and_names_path_and_bytes(tmp_path):
+    """Rank 1's RLIMIT_FSIZE drops to 4 KiB after step 4 (the kernel enforces it): step_6 cannot be written."""
+    proc = run(tmp_path, "faults.fsize_limit_after_step=4")
+    assert proc.returncode == 2, tail(proc)
+    line = re.search(r"aligner: error: (.*)", proc.stderr).group(1)
+    size = checkpoint.tree_bytes(tmp_path / "checkpoints" / "step_3")
+    assert line.startswith(f"checkpoint step_6 was not saved: rank 1 could not write {tmp_path}/checkpoints/.tmp-step_6/")
+    assert "file-size limit (ulimit -f) is 4,096 bytes" in line and f"needs about {size:,} bytes" in line
+    assert f"the last complete checkpoint, {tmp_path}/checkpoints/step_3, is intact and --resume auto takes it" in line
+    assert f"saved checkpoint {tmp_path}/checkpoints/step_3: {size:,} bytes" in proc.stderr  # the first save's size
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3"]
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_3"
+    assert "Traceback" not in proc.stderr and "lost contact" not in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    from aligner.preempt import parent_of
+
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(int(p.name)) == pid]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, sig, reason", [
+    ("deepspeed", signal.SIGTERM, "the deepspeed command (pid {pid}) that started its launcher exited"),
+    ("node launcher", signal.SIGKILL, "received SIGTERM"),  # PR_SET_PDEATHSIG: the kernel's signal
+])
+def test_ranks_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path, target, sig, reason):
+    """The issue's case: SIGTERM to the ``deepspeed`` command kills it at once (DeepSpeed's runner has no handler),
+    and SIGKILL to DeepSpeed's per-node launcher leaves no one to pass a signal on; the ranks must stop anyway."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"),
+           *PLUGINS, "--set", f"output_dir={tmp_path / 'out'}", "train.max_steps=400",
+           "eval.every=0", "data.eval=null", "train.cache_static_logps=false",
+           "train.save_every=0", "train.save_every_minutes=0.0001"]  # rank 0's clock: a save after every step
+    with (tmp_path / "log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (tmp_path / "out" / "checkpoints" / "step_2").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pid = proc.pid if target == "deepspeed" else _children(proc.pid)[0]
+            os.kill(pid, sig)
+            while _session_alive(proc.pid, proc) and time.monotonic() < deadline:  # the ranks stop; all are gone
+                time.sleep(0.2)
+        finally:
+            if _session_alive(proc.pid, proc):
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "log").read_text()
+    assert not _session_alive(proc.pid, proc), text[-3000:]
+    step = int(re.search(r"aligner: stopped after step (\d+)", text).group(1))
+    assert 2 <= step < 400 and not (tmp_path / "out" / "final").exists(), text[-3000:]
+    assert checkpoint.latest_checkpoint(tmp_path / "out").name == f"step_{step}"
+    for rank in (0, 1):
+        assert f"rank {rank}: {reason.format(pid=proc.pid)}; finishing this optimizer step" in text, text[-3000:]
+    assert "Traceback" not in text
+
+
+def _session_alive(sid: int, leader: subprocess.Popen) -> bool:
+    """Whether any process of session ``sid`` is left (its leader is reaped first: a zombie counts)."""
+    leader.poll()
+    try:
+        os.killpg(sid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -8,6 +8,7 @@ adds nothing to the loss, so a run with it and no fault is the same as one witho
 from __future__ import annotations
 
 import os
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -25,6 +26,14 @@ class FaultsConfig:
     kill_at_step: int = 0  #: SIGKILL rank ``kill_rank`` right after this optimizer step (0: never)
     kill_in_save_at: int = 0  #: SIGKILL rank ``kill_rank`` while it writes the checkpoint of this step
     kill_rank: int = 1
+    #: rank ``kill_rank`` sends itself ``signal`` right after this optimizer step (0: never), as a preempting cluster does
+    signal_at_step: int = 0
+    signal: str = "SIGUSR1"
+    #: ...and SIGTERM while it writes the checkpoint of this step (a second signal during the save)
+    signal_in_save_at: int = 0
+    #: after this optimizer step, rank ``kill_rank``'s file-size limit (RLIMIT_FSIZE) drops to ``fsize_limit_bytes``
+    fsize_limit_after_step: int = 0
+    fsize_limit_bytes: int = 4096
 
 
 def _rank() -> int:
@@ -64,19 +73,27 @@ class Faults:
 
     @hookimpl
     def aligner_after_optimizer_step(self, step, engines, config):
-        """A rank dies mid-run, as on a preempted node."""
+        """A rank dies mid-run (as on a lost node), is told to stop, or meets a file-size limit."""
         cfg = config.section("faults")
-        if step == cfg.kill_at_step and _rank() == cfg.kill_rank:
+        if _rank() != cfg.kill_rank:
+            return
+        if step == cfg.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == cfg.signal_at_step:
+            os.kill(os.getpid(), signal.Signals[cfg.signal])
+        if step == cfg.fsize_limit_after_step:  # the kernel enforces it: the next large write fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.fsize_limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     @hookimpl
     def aligner_save_checkpoint(self, directory, engines, config):
-        """A rank dies after the engine wrote its shards and before the checkpoint is published."""
+        """A rank dies (or gets a second stop signal) after the engine wrote its shards, before the checkpoint is published."""
         cfg = config.section("faults")
         (directory / "faults").mkdir(parents=True, exist_ok=True)
         (directory / "faults" / f"rank{_rank()}.txt").write_text(str(self.micro_batches))
         if directory.name == f"step_{cfg.kill_in_save_at}" and _rank() == cfg.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
+        if directory.name == f"step_{cfg.signal_in_save_at}" and _rank() == cfg.kill_rank:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 faults = Faults()
