@@ -71,7 +71,7 @@ def resolve_path(name_or_path: str, key: str, revision: str | None = None) -> Pa
     """A local checkpoint folder for ``name_or_path``: a folder, a Hub ID (fetched into the HF cache), or an
     embedded model (built on first use). Rank 0 (then each node's local rank 0) resolves first; the other ranks
     wait and read what it fetched or built."""
-    from aligner.once import leaders_first
+    from aligner.lockstep import leaders_first
 
     return leaders_first(lambda: _resolve(name_or_path, key, revision))
 
