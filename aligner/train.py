@@ -109,12 +109,13 @@ def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> P
 def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
     """The train and eval splits, tokenized once per run and cached (aligner/data/prepare.py)."""
     train_set, eval_set = prepare_data(cfg, tokenizer)
-    if isinstance(train_set[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
-        raise DataError(
-            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss '{plugins.loss}' "
-            f"trains on preference pairs (prompt, chosen, rejected); use a loss that takes unpaired data (e.g. --plugins kto) "
-            f"or paired data"
-        )
+    for key, split in (("data.train", train_set), ("data.eval", eval_set)):
+        if split and isinstance(split[0], UnpairedExample) and "unpaired" not in plugins.required_inputs(cfg):
+            raise DataError(
+                f"dataset {key} ({getattr(cfg.data, key[5:])}) is unpaired (prompt, completion, label), but the loss "
+                f"'{plugins.loss}' trains on preference pairs (prompt, chosen, rejected); use a loss that takes unpaired "
+                f"data (e.g. --plugins kto) or paired data"
+            )
     return train_set, eval_set
 
 
