@@ -139,13 +139,14 @@ def make_output_dir(out: Path) -> Path:
 def load_examples(tokenizer, cfg: RunConfig, plugins: ActivePlugins):
     """The train and eval splits, tokenized once per run and cached (aligner/data/prepare.py)."""
     train_set, eval_set = prepare_data(cfg, tokenizer)
-    pair_only = pair_only_losses(plugins, cfg) if isinstance(train_set[0], UnpairedExample) else []
-    if pair_only:
-        raise DataError(
-            f"dataset data.train ({cfg.data.train}) is unpaired (prompt, completion, label), but the loss "
-            f"'{', '.join(pair_only)}' trains on preference pairs (prompt, chosen, rejected); use losses that take "
-            f"unpaired data (e.g. --plugins kto) or paired data"
-        )
+    for key, split in (("data.train", train_set), ("data.eval", eval_set)):
+        pair_only = pair_only_losses(plugins, cfg) if split and isinstance(split[0], UnpairedExample) else []
+        if pair_only:
+            raise DataError(
+                f"dataset {key} ({getattr(cfg.data, key[5:])}) is unpaired (prompt, completion, label), but the loss "
+                f"'{', '.join(pair_only)}' trains on preference pairs (prompt, chosen, rejected); use losses that take "
+                f"unpaired data (e.g. --plugins kto) or paired data"
+            )
     return train_set, eval_set
 
 

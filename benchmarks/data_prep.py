@@ -1,6 +1,6 @@
 """Dataset preparation at scale: aligner cold and from its cache against TRL 1.16's own, on the same rows and tokenizer.
 
-    python benchmarks/data_prep.py [--rows 60000] [--num-proc N] [--out DIR]
+    python benchmarks/data_prep.py [--rows 60000] [--num-proc N] [--trl-workers] [--out DIR]
 
 The script writes its own data: ``--rows`` conversational preference rows (prompt, chosen, rejected as message
 lists) with UltraFeedback-like lengths (log-normal word counts: prompt median ~90 words, responses ~200, long
@@ -10,7 +10,8 @@ template whose turns end in ``<|eot_id|>``. Then, each from a cold datasets cach
 - aligner cold: :func:`aligner.data.prepare.prepare_split` (jsonl -> arrow -> formats -> batched tokenization on
   ``--num-proc`` workers -> the on-disk cache), and warm: the same call again (reads the cache);
 - TRL: ``DPOTrainer._prepare_dataset`` of trl 1.16 (the ``bench`` extra), once with its default
-  ``dataset_num_proc`` (one process) and once with ``--num-proc``, after the same ``load_dataset``.
+  ``dataset_num_proc`` (one process), and with ``--trl-workers`` once more with ``--num-proc``, after the same
+  ``load_dataset``.
 
 It checks that both give the same token ids on every row, prints a table and writes it, with the command, to
 benchmarks/RESULTS.md. Without trl installed the TRL rows are skipped.
@@ -118,7 +119,7 @@ def measure(args: argparse.Namespace, out: Path) -> tuple[list[tuple[str, float,
     except ImportError:
         print("trl is not installed (pip install -e .[bench]): TRL rows skipped", file=sys.stderr)
         return table, facts
-    for num_proc in (None, args.num_proc):
+    for num_proc in (None, args.num_proc) if args.trl_workers else (None,):
         seconds, theirs = trl_prep(data, tokenizer, num_proc, out / f"trl-cache-{num_proc}")
         facts[f"mismatched_rows_{num_proc}"] = same_ids(ours, theirs)
         table.append((f"TRL 1.16 DPOTrainer._prepare_dataset (dataset_num_proc={num_proc})", seconds,
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=60000)
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--trl-workers", action="store_true", help="also time TRL with dataset_num_proc=--num-proc")
     p.add_argument("--out", help="working folder (default: a temporary one)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = p.parse_args(argv)
@@ -151,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from results_md import command_line, write_section
 
-        trl_rows = [s for n, s, _ in table if n.startswith("TRL")]
-        summary = (f"cold / TRL (one process) = {table[0][1] / trl_rows[0]:.2f}, cold / TRL (same workers) = "
-                   f"{table[0][1] / trl_rows[1]:.2f}; warm = {table[1][1]:.2f} s" if trl_rows else "TRL not installed")
+        ratios = ", ".join(f"cold / {n.split(' (')[0]} ({n.split('(')[-1].rstrip(')')}) = {table[0][1] / s:.2f}"
+                           for n, s, _ in table if n.startswith("TRL"))
+        summary = f"{ratios or 'TRL not installed'}; warm = {table[1][1]:.2f} s"
         write_section(Path(__file__).with_name("RESULTS.md"), "data_prep",
                       f"## Dataset preparation: aligner (cold, cached) against TRL 1.16\n\n"
                       f"Command: `{command_line(__file__, argv)}` ({facts['rows']} rows, {facts['tokens']} tokens, "

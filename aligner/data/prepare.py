@@ -135,6 +135,7 @@ def tokenize_source(rows: datasets.Dataset, label: str, tokenizer: Any, paired: 
     num_proc = data_cfg.num_proc if data_cfg.num_proc is not None else (
         min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else None)
     ids = row_ids(rows["id"] if "id" in rows.column_names else None, len(rows))
+    rows = rows.select_columns([c for c in rows.column_names if c in ("prompt", "chosen", "rejected", "completion", "label")])
     mapped = rows.map(
         _encode_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
         num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"aligner: tokenizing {label}",

@@ -77,7 +77,7 @@ def test_a_hub_dataset_missing_offline_names_the_id_and_the_command(monkeypatch,
     (b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "cho\n',
      r"e.jsonl, line 2 \(row 1\): not valid JSON .*the line may be truncated"),
     (b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n\n{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n',
-     r"e.jsonl, line 3 \(row 1\): bytes b.\\xff.* at byte 13 are not valid UTF-8"),
+     r"e.jsonl, line 3 \(row 1\): bytes b.\\xff.* at byte 13 of the line are not valid UTF-8"),
 ], ids=["empty", "truncated-line", "invalid-utf8"])
 def test_unreadable_jsonl_files_name_the_file_and_line(tmp_path, content, message):
     (tmp_path / "e.jsonl").write_bytes(content)
