@@ -117,9 +117,9 @@ class StepInputs:
 
     ``kl_policy`` and ``kl_reference`` (shape ``(N,)``, no gradient) are set
     only when some plugin asked for ``"kl_pairs"``: the summed log-probs of the
-    batch's completions each scored after another row's prompt (the completions
-    shifted by one, as TRL's KTO builds its KL batch), N being the number of
-    completions in the batch (2B for pairs).
+    batch's completions each scored after another row's prompt (row i's prompt
+    with row i−1's completion in the batch's example order, as TRL's KTOTrainer
+    builds its KL batch), N being the number of completions in the batch (2B for pairs).
     """
 
     policy: SequenceLogps

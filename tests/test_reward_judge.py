@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from aligner import embedded
 from aligner.reward_judge import rm_text
 from conftest import ROOT
 
