@@ -45,7 +45,7 @@ def test_an_error_on_one_rank_or_all_is_one_message_and_exit_2_on_two_ranks(tmp_
     overrides = [make(tmp_path)]
     if not overrides[0].startswith("output_dir"):
         overrides.append(f"output_dir={tmp_path / 'out'}")
-    proc = launch(["--plugins", "dpo", "--set", *overrides, *FAST], timeout=240)
+    proc = launch(["--plugins", "dpo", "--set", *overrides, *FAST])
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
     assert text.count("aligner: error:") == 1 and message in text, text[-3000:]  # rank 0 says it, once
