@@ -18,13 +18,14 @@ with those three methods, and nothing else changes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 
 @dataclass(kw_only=True)
-class Batch:
+class Batch(ABC):
     """The fields every batch has. ``input_ids`` and ``response_mask`` (True on the tokens to score) share one shape.
 
     :param ids: the example ids: one per pair (paired), or one per row (unpaired).
@@ -47,24 +48,25 @@ class Batch:
         return replace(self, **moved)
 
     @property
+    @abstractmethod
     def n_sequences(self) -> int:
-        raise NotImplementedError
+        """N, the sequences scored."""
 
+    @abstractmethod
     def model_inputs(self, model) -> dict:
         """The forward keyword arguments of this batch for ``model``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_owner(self) -> torch.Tensor:
         """(M,): which sequence each scored target token (``response_mask[:, 1:]``) belongs to."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sequence_lengths(self) -> torch.Tensor:
         """(N,) tokens of each sequence (for FLOP counts)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def real_tokens(self) -> int:
         """Tokens that are not padding."""
-        raise NotImplementedError
 
 
 @dataclass(kw_only=True)
