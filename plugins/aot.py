@@ -22,33 +22,17 @@ Options: ``aot.beta``, ``aot.label_smoothing``, ``aot.weight`` (aligner.hookspec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner_plugins.optimal_transport import SortedLossConfig, sorted_difference_loss
 
 NAME = "aot"
 
 
 @dataclass
-class AOTConfig(LossConfig):
-    beta: float = 0.1  #: β, the scale of the sorted margin differences
-    label_smoothing: float = 0.0  #: ε in [0, 0.5): weight of the flipped-label term
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"{NAME}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-
-def aot_loss(policy_margins: torch.Tensor, reference_margins: torch.Tensor, beta: float,
-             label_smoothing: float) -> torch.Tensor:
-    """Per-order-statistic losses (B,) from the (B,) margins log π(y_w) − log π(y_l) of the policy and reference."""
-    d = torch.sort(policy_margins, dim=0).values - torch.sort(reference_margins, dim=0).values
-    return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+class AOTConfig(SortedLossConfig):
+    section: ClassVar[str] = NAME
 
 
 @hookimpl
@@ -75,4 +59,4 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     cfg: AOTConfig = config.section(NAME)
     policy_margins = inputs.policy.chosen - inputs.policy.rejected
     reference_margins = inputs.reference.chosen - inputs.reference.rejected
-    return LossOutput(aot_loss(policy_margins, reference_margins, cfg.beta, cfg.label_smoothing).mean())
+    return LossOutput(sorted_difference_loss(policy_margins, reference_margins, cfg.beta, cfg.label_smoothing).mean())

@@ -23,33 +23,17 @@ Options: ``aot_unpaired.beta``, ``aot_unpaired.label_smoothing``, ``aot_unpaired
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner_plugins.optimal_transport import SortedLossConfig, sorted_difference_loss
 
 NAME = "aot_unpaired"
 
 
 @dataclass
-class AOTUnpairedConfig(LossConfig):
-    beta: float = 0.1  #: β, the scale of the sorted log-ratio differences
-    label_smoothing: float = 0.0  #: ε in [0, 0.5): weight of the flipped-label term
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"{NAME}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-
-def aot_unpaired_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,
-                      label_smoothing: float) -> torch.Tensor:
-    """Per-order-statistic losses (B,) from the (B,) summed log-ratios of the chosen and the rejected responses."""
-    d = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values
-    return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+class AOTUnpairedConfig(SortedLossConfig):
+    section: ClassVar[str] = NAME
 
 
 @hookimpl
@@ -76,4 +60,4 @@ def aligner_loss(inputs: StepInputs, config) -> LossOutput:
     cfg: AOTUnpairedConfig = config.section(NAME)
     chosen = inputs.policy.chosen - inputs.reference.chosen
     rejected = inputs.policy.rejected - inputs.reference.rejected
-    return LossOutput(aot_unpaired_loss(chosen, rejected, cfg.beta, cfg.label_smoothing).mean())
+    return LossOutput(sorted_difference_loss(chosen, rejected, cfg.beta, cfg.label_smoothing).mean())
