@@ -122,10 +122,16 @@ class TrainConfig:
     #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/static_logps.py).
     cache_static_logps: bool = True
     #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
-    packing: bool = False
+    #: On by default; a run that cannot pack (unpaired/KTO data, a GPU without a varlen kernel) falls back to padded
+    #: batches and says why in its ``batch path:`` log line (aligner/batch_path.py).
+    packing: bool = True
+    #: With packing, lay each pair out as [prompt, chosen, rejected] and compute the shared prompt once (exact;
+    #: aligner/data/packing.py). Falls back to unshared packing where unsupported (``batch path:`` log line).
+    prefix_sharing: bool = True
     #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
     #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
-    logps_chunk_tokens: int = 0
+    #: A model that transforms its logits after the head is scored with full logits (aligner/batch_path.py).
+    logps_chunk_tokens: int = 1024
     #: Keep only the newest N checkpoints (0: keep all); older ones go only after the new one is published.
     keep_last: int = 0
     #: A NaN/inf loss or gradient: ``stop`` (save the last good step, name the step and examples) or ``skip``

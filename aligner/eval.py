@@ -37,10 +37,11 @@ def shard_batches(examples: list[Example], batch_size: int, rank: int, world: in
 @torch.no_grad()
 def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExample], batch_size: int,
                    pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None,
-                   static: dict | None = None, packing: bool = False, chunk_tokens: int = 0) -> StepInputs:
+                   static: dict | None = None, packing: bool = False, chunk_tokens: int = 0,
+                   prefix_sharing: bool = False) -> StepInputs:
     """Log-probs of every example under every built (or cached, ``static``) model, gathered onto every rank.
 
-    Works on paired and unpaired examples, padded or packed (``packing``). With
+    Works on paired and unpaired examples, padded or packed (``packing``, ``prefix_sharing``). With
     ``kl_pairs`` the mismatched-pair log-probs of every eval batch (rows of real
     examples only) are gathered too.
     """
@@ -49,7 +50,7 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
     built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
     local: list[dict] = []
     local_kl: list[tuple[float, float]] = []
-    collate = make_collate(packing, pad_token_id, kl_pairs, max_length)
+    collate = make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing)
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate(batch_examples)
         inputs = gather_inputs(batch, engines, static, chunk_tokens)
@@ -103,7 +104,7 @@ def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedE
     engines.policy.eval()
     kl_pairs = (plan or make_plan(config, plugins)).needs("kl_pairs")  # the run's plan; made here when called alone
     inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length,
-                            static, config.train.packing, config.train.logps_chunk_tokens)
+                            static, config.train.packing, config.train.logps_chunk_tokens, config.train.prefix_sharing)
     if was_training:
         engines.policy.train()
     with torch.no_grad():

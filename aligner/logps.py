@@ -19,7 +19,7 @@ Two ways to get there, one switch (``train.logps_chunk_tokens``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -123,20 +123,33 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     return _ChunkedHeadLogps.apply(hidden, weight, bias, targets, chunk_tokens)
 
 
+#: config keys whose transform a model applies to the LM head's output after it returns (chunked scoring skips it)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
+
+
+def logits_transform(model_config) -> str | None:
+    """Why chunked scoring would be wrong for this model (its logits are changed after the LM head), or None."""
+    for key in LOGIT_TRANSFORMS:
+        if getattr(model_config, key, None) not in (None, 1, 1.0):
+            return f"config.{key}={getattr(model_config, key)} transforms the logits after the LM head"
+    return None
+
+
 @contextmanager
-def _scoring_head(model, score_mask: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
+def _scoring_head(model, positions: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
     """While active, the model's LM head maps hidden states (N, T, H) to the (M,) log-probs of ``targets``
-    at the M positions of ``score_mask`` (N, T), instead of (N, T, V) logits."""
+    at the M flattened positions ``positions``, instead of (N, T, V) logits."""
     hf = getattr(model, "module", model)
-    for key in ("final_logit_softcapping", "logit_scale"):  # applied to the head's output after it returns
-        if getattr(hf.config, key, None) not in (None, 1, 1.0):
-            raise ConfigError(f"train.logps_chunk_tokens: this {type(hf).__name__} transforms its logits after the LM head "
-                             f"(config.{key}={getattr(hf.config, key)}), which chunked scoring would skip; "
-                             f"set train.logps_chunk_tokens=0 for this model")
+    problem = logits_transform(hf.config)
     head = hf.get_output_embeddings()
+    if problem is None and type(head) is not torch.nn.Linear:
+        problem = f"its LM head is a {type(head).__name__}, not a plain Linear"
+    if problem:
+        raise ConfigError(f"train.logps_chunk_tokens: this {type(hf).__name__} cannot be scored chunked ({problem}); "
+                          f"set train.logps_chunk_tokens=0 for this model")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        picked = hidden[score_mask]  # (M, H), row-major like ``targets``
+        picked = hidden.flatten(0, 1)[positions]  # (M, H), in ``targets``' order
         return chunked_token_logps(picked, head.weight, head.bias, targets, chunk_tokens)
 
     head.forward = forward  # instance attribute: nn.Module.__call__ (and ZeRO-3's hooks around it) use it
@@ -147,48 +160,50 @@ def _scoring_head(model, score_mask: torch.Tensor, targets: torch.Tensor, chunk_
 
 
 def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` (a DeepSpeed engine or an HF model) on a padded or packed batch and score the responses.
+    """Run ``model`` (a DeepSpeed engine or an HF model) on a padded, packed or prefix-shared batch and score the
+    responses.
 
-    :param batch: a :class:`aligner.data.batch.Batch`: padded ((2B, T), :func:`aligner.data.collate_pairs`) or
-        packed ((1, L), :func:`aligner.data.pack_pairs`); the batch's type supplies the forward arguments and
-        which sequence each scored token belongs to.
+    :param batch: a :class:`aligner.data.batch.Batch`: padded ((2B, T), :func:`aligner.data.collate_pairs`),
+        packed ((1, L), :func:`aligner.data.pack_pairs`) or prefix-shared (:func:`aligner.data.pack_prefix_shared`);
+        the batch's type supplies the forward arguments and the (logit position, target, owner) list it scores
+        (:meth:`aligner.data.batch.Batch.score_index`), which both paths below read.
     :param chunk_tokens: 0 for the naive full-logits path; else score only the
-        response positions, this many tokens at a time.
+        listed positions, this many tokens at a time.
     :returns: (summed response log-probs (2B,), scored tokens (2B,)), in the order
         ``[chosen..., rejected...]``.
     """
     device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
     batch = batch.to(device)
-    input_ids, response_mask = batch.input_ids, batch.response_mask
-    targets_mask = response_mask[:, 1:]  # (N, T-1): position t predicts response token t+1
-    owner, n_seqs = batch.token_owner(), batch.n_sequences  # (M,) sequence of each target
+    positions, targets, owner = batch.score_index()  # (M,) each
+    n_seqs = batch.n_sequences
     if chunk_tokens:
-        score_mask = torch.zeros_like(response_mask)
-        score_mask[:, :-1] = targets_mask
-        targets = input_ids[:, 1:][targets_mask]  # (M,)
-        with _scoring_head(model, score_mask, targets, chunk_tokens):
+        with _scoring_head(model, positions, targets, chunk_tokens):
             token_logps = model(**batch.model_inputs(model)).logits  # (M,) fp32
     else:
         logits = model(**batch.model_inputs(model)).logits  # (N, T, V): every position, the model's dtype
-        token_logps = _picked_logps(logits[:, :-1][targets_mask], input_ids[:, 1:][targets_mask])  # (M,)
+        token_logps = _picked_logps(logits.flatten(0, 1)[positions], targets)  # (M,)
     summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
     return summed, counts
 
 
 @torch.no_grad()
-def score_pairs(model, examples: list, batch_size: int, pad_token_id: int, chunk_tokens: int = 0) -> SequenceLogps:
-    """Summed response log-probs of every preference pair, ``batch_size`` pairs per padded forward, in order.
+def score_pairs(model, examples: list, batch_size: int, pad_token_id: int, chunk_tokens: int = 0,
+                collate: Callable[[list], Batch] | None = None) -> SequenceLogps:
+    """Summed response log-probs of every preference pair, ``batch_size`` pairs per forward, in order.
 
     The scoring loop the static cache's pre-pass (per rank shard), the evaluation CLI (``launch/eval.py``) and
     the tests share: chosen (B,), rejected (B,), float32 on the model's device.
+
+    :param collate: the batch builder (the run's layout, :func:`aligner.data.make_collate`); default padded.
     """
     from aligner.data import collate_pairs
     from aligner.hookspecs import SequenceLogps
 
+    collate = collate or (lambda exs: collate_pairs(exs, pad_token_id))
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
-        logps, _ = batch_logps(model, collate_pairs(examples[start:start + batch_size], pad_token_id), chunk_tokens)  # (2B,)
+        logps, _ = batch_logps(model, collate(examples[start:start + batch_size]), chunk_tokens)  # (2B,)
         c, r = logps.chunk(2)
         chosen.append(c)
         rejected.append(r)

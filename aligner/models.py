@@ -146,7 +146,7 @@ def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch_dtype(dtype or cfg.model.dtype),
-        attn_implementation=attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
+        attn_implementation=attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing, cfg.train.prefix_sharing),
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=None,
     )

@@ -134,8 +134,10 @@ def make_plan(cfg, plugins, paired_data: bool = True) -> ModelPlan:
     return ModelPlan(models, inputs)
 
 
-def write_plan(plan: ModelPlan, built: dict[str, str], output_dir: str | Path) -> Path:
-    """Write ``output_dir/plan.json``: the plan and, per model, what the run holds (``built``)."""
+def write_plan(plan: ModelPlan, built: dict[str, str], output_dir: str | Path, batch_path: dict | None = None) -> Path:
+    """Write ``output_dir/plan.json``: the plan, per model what the run holds (``built``), and the run's batch path
+    (aligner/batch_path.py)."""
     path = Path(output_dir) / "plan.json"
-    path.write_text(json.dumps({**plan.to_dict(), "built": built}, indent=2, sort_keys=True))
+    extra = {"batch_path": batch_path} if batch_path is not None else {}
+    path.write_text(json.dumps({**plan.to_dict(), "built": built, **extra}, indent=2, sort_keys=True))
     return path

@@ -182,7 +182,7 @@ def _check_digests(cache: StaticLogps, splits: dict[str, list[Example]], path: P
 
 @torch.no_grad()
 def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_token_id: int,
-             chunk_tokens: int = 0) -> dict:
+             chunk_tokens: int = 0, collate: Callable | None = None) -> dict:
     """This rank's share of ``examples`` through ``engine``, gathered onto every rank."""
     from aligner.eval import shard_batches
 
@@ -190,7 +190,7 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
     world = dist.get_world_size() if dist.is_initialized() else 1
     local = {}
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
-        scored = score_pairs(engine, batch_examples, len(batch_examples), pad_token_id, chunk_tokens)  # one forward
+        scored = score_pairs(engine, batch_examples, len(batch_examples), pad_token_id, chunk_tokens, collate)  # one forward
         chosen, rejected = scored.chosen.float().cpu(), scored.rejected.float().cpu()
         for i, ex in enumerate(batch_examples[:n_real]):
             local[(split, ex.id)] = (float(chosen[i]), float(rejected[i]), example_digest(ex))
@@ -241,7 +241,7 @@ def _append_history(path: Path, names: list[str], model_path: Path, cache: Stati
 def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
             attn_implementation: str, batch_size: int, pad_token_id: int,
             build_engine: Callable[[Path], object], train_batch_size: int | None = None,
-            chunk_tokens: int = 0) -> dict[str, StaticLogps]:
+            chunk_tokens: int = 0, collate: Callable | None = None) -> dict[str, StaticLogps]:
     """Make the cache of each static model complete for ``splits``; return it by model name.
 
     :param models: static model name (``reference``, ``anchor``) -> checkpoint folder. Models with the
@@ -253,6 +253,8 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
     :param train_batch_size: pairs per forward for the ``train`` split (``train.micro_batch_size``), so the
         pre-pass needs no more memory than a training step; other splits use ``batch_size`` (the eval's).
     :param chunk_tokens: ``train.logps_chunk_tokens``, as in the steps (aligner/logps.py).
+    :param collate: the run's batch builder (:func:`aligner.data.make_collate`), so the pre-pass scores the same
+        layout (padded, packed, prefix-shared) as the steps; default padded.
 
     Collective: every rank calls it with the same arguments.
     """
@@ -281,7 +283,7 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
             for split, examples in missing.items():
                 if examples:
                     size = train_batch_size if split == "train" and train_batch_size else batch_size
-                    cache.entries.update(_compute(engine, examples, split, size, pad_token_id, chunk_tokens))
+                    cache.entries.update(_compute(engine, examples, split, size, pad_token_id, chunk_tokens, collate))
             alive = _release(engine)
             del engine
             gc.collect()

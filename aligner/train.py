@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
+from aligner import attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, make_collate, prepare_data
 from aligner.eval import evaluate
@@ -192,10 +192,13 @@ def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path],
     if not cached:
         return {}
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
+    t = cfg.train
     return static_logps.prepare(
-        cached, splits, cfg.output_dir, cfg.model.dtype, attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
+        cached, splits, cfg.output_dir, cfg.model.dtype,
+        attention.attn_implementation(cfg.model.attn_implementation, t.packing, t.prefix_sharing),
         cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
-        train_batch_size=cfg.train.micro_batch_size, chunk_tokens=cfg.train.logps_chunk_tokens)
+        train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
+        collate=make_collate(t.packing, pad_id, False, cfg.data.max_length, t.prefix_sharing))
 
 
 def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str, dict]:
@@ -262,11 +265,17 @@ class Recipe:
             checkpoint.check_compatible(self.resume_from, checkpoint.read_meta(self.resume_from), self.meta)
         self.setup_data()
         self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
+        self.path = batch_path.decide_for_run(cfg, self.paths["policy"], is_paired(self.train_set, self.eval_set),
+                                              self.plan.needs("kl_pairs"))
+        self.cfg = cfg = self.path.apply(cfg)  # everything from here reads the switches as decided
+        if self.rank == 0:
+            log.info("batch path: %s", self.path.describe())
         self.setup_models()
         self.start_step = self.restore() if self.resume_from is not None else 0
         self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
         teardown.register(self.tb.close)
-        self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length)
+        self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
+                                    cfg.train.prefix_sharing)
         return self
 
     def setup_data(self) -> None:
@@ -305,7 +314,7 @@ class Recipe:
                 built["anchor"]["shares"] else ""
             log.info("models built: %s%s", ", ".join(engines), shared)
             log.info("model plan: %s", self.plan.describe())
-            write_plan(self.plan, built, self.out)
+            write_plan(self.plan, built, self.out, batch_path=self.path.to_dict())
 
     def restore(self) -> int:
         """Load the checkpoint being resumed into the engines, the sampler, the plugins and the RNG; its step."""

@@ -53,9 +53,8 @@ def test_chunked_path_never_materialises_all_positions_logits(random_model_dir):
     model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
     batch = collate_pairs([Example("a", [5, 6, 7], [8, 9], [10]), Example("b", [5], [11, 12, 13], [14, 15])], 0)
     targets_mask = batch.response_mask[:, 1:]
-    score_mask = torch.zeros_like(batch.response_mask)
-    score_mask[:, :-1] = targets_mask
-    with torch.no_grad(), _scoring_head(model, score_mask, batch.input_ids[:, 1:][targets_mask], chunk_tokens=2):
+    positions, targets, _ = batch.score_index()
+    with torch.no_grad(), _scoring_head(model, positions, targets, chunk_tokens=2):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     assert out.shape == (int(targets_mask.sum()),)
     assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again

@@ -4,7 +4,9 @@ Every batch holds N scored sequences, ordered ``[chosen/desirable..., rejected/u
 
 - :class:`PaddedBatch`: one row per sequence, right-padded, (N, T) with an attention mask;
 - :class:`PackedBatch`: every sequence back to back in one row, (1, L), with restarting position ids and
-  ``cu_seqlens`` (padding-free; aligner/data/packing.py).
+  ``cu_seqlens`` (padding-free; aligner/data/packing.py);
+- :class:`PrefixSharedBatch`: each pair as ``[prompt, chosen, rejected]`` in one row, the prompt computed once
+  (``train.prefix_sharing``; aligner/data/packing.py, aligner/attention.py).
 
 Either may be paired (B pairs, N = 2B) or unpaired (``paired`` False, the first ``n_chosen`` rows desirable),
 and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a :class:`PaddedBatch` of its own
@@ -12,7 +14,7 @@ and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a :class:
 
 What differs between the kinds lives in their methods: the model's forward arguments
 (:meth:`Batch.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`), and the real
-(non-padding) tokens. A new kind (prefix-shared packing; LoRA's adapters on/off per forward) is a new subclass
+(non-padding) tokens, and which logits score which target (:meth:`Batch.score_index`). A new kind (prefix-shared packing; LoRA's adapters on/off per forward) is a new subclass
 with those three methods, and nothing else changes.
 """
 
@@ -60,9 +62,17 @@ class Batch(ABC):
     def token_owner(self) -> torch.Tensor:
         """(M,): which sequence each scored target token (``response_mask[:, 1:]``) belongs to."""
 
+    def score_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What is scored: (logit positions (M,) into the flattened (N*T) positions of ``input_ids``, target token
+        ids (M,), owning sequence (M,)). Position t's logits score token t+1 wherever ``response_mask[:, 1:]`` holds."""
+        n, t = self.input_ids.shape
+        targets_mask = self.response_mask[:, 1:]  # (N, T-1)
+        rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), row-major
+        return rows * t + cols, self.input_ids[:, 1:][targets_mask], self.token_owner()
+
     @abstractmethod
     def sequence_lengths(self) -> torch.Tensor:
-        """(N,) tokens of each sequence (for FLOP counts)."""
+        """(N,) tokens each sequence's forward computes (for FLOP counts)."""
 
     @abstractmethod
     def real_tokens(self) -> int:
@@ -122,3 +132,62 @@ class PackedBatch(Batch):
 
     def real_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+
+@dataclass(kw_only=True)
+class PrefixSharedBatch(Batch):
+    """B pairs in one row of L = Σ (P_i + C_i + R_i) tokens, each as ``[prompt, chosen, rejected]``: the prompt's
+    hidden states are computed once and serve both responses (arXiv 2410.20305, "Accelerating Direct Preference
+    Optimization with Prefix Sharing").
+
+    - ``position_ids`` (1, L): the prompt and chosen count 0..P+C-1; the rejected tokens continue from the prompt's
+      end, P..P+R-1, as if the chosen tokens were not there.
+    - Attention, per pair, two query segments (``cu_seqlens`` (2B+1,) int32, row bounds): [prompt, chosen] attends
+      causally to itself; [rejected] attends to [prompt K/V; rejected K/V], causal aligned bottom-right, never to
+      chosen. ``kv_index`` (Lk,) lists each segment's key tokens (row positions) back to back, bounds
+      ``kv_cu_seqlens`` (2B+1,); ``q_keep`` (L,) is each row token's place in that gathered layout (the equal-length
+      form GPU varlen kernels use, :mod:`aligner.attention`).
+    - Scoring (``positions``, ``targets``, ``owner``, each (M,)): the first rejected token is predicted by the LAST
+      PROMPT token's logits, the same position that predicts the first chosen token, so scoring is an explicit
+      list rather than ``response_mask[:, 1:]``. Owners are 0..B-1 (chosen), B..2B-1 (rejected).
+
+    ``response_mask`` (1, L) marks the response tokens. Real tokens count the prompt once per sequence
+    (prompt + chosen + prompt + rejected), as for the other kinds, so throughput compares across layouts.
+    """
+
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    kv_index: torch.Tensor
+    kv_cu_seqlens: torch.Tensor
+    max_kv_seqlen: int
+    q_keep: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+    @property
+    def n_sequences(self) -> int:
+        return 2 * len(self.prompt_lengths)
+
+    def model_inputs(self, model) -> dict:
+        """Positions and no mask, plus the segment bounds and gather indices :mod:`aligner.attention` reads."""
+        from aligner.attention import prefix_shared_kwargs
+
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
+                **prefix_shared_kwargs(model, self)}
+
+    def token_owner(self) -> torch.Tensor:
+        return self.owner
+
+    def score_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.positions, self.targets, self.owner
+
+    def sequence_lengths(self) -> torch.Tensor:
+        """Computed tokens: P+C for a chosen sequence, R for a rejected one (its prompt is the chosen's)."""
+        seg = self.cu_seqlens.diff().long()  # (2B,) [p0+c0, r0, p1+c1, r1, ...]
+        return torch.cat([seg[0::2], seg[1::2]])
+
+    def real_tokens(self) -> int:
+        return int(self.input_ids.numel() + self.prompt_lengths.sum())

@@ -15,6 +15,13 @@ restarting at 0 for every sequence. Attention must stay inside each sequence:
   sequences silently attend across boundaries).
 
 No token is padding, so every FLOP goes to a real token.
+
+With ``train.prefix_sharing`` (:func:`pack_prefix_shared`) each pair is laid out
+as ``[prompt, chosen, rejected]`` and its prompt is computed once
+(:class:`aligner.data.batch.PrefixSharedBatch`). The prompt is the same for both
+responses by construction: tokenization keeps one ``prompt_ids`` per pair and
+truncation cuts that one prompt (aligner/data/tokenize.py ``split_ids``), so no
+pair ever needs an unshared fallback.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from functools import partial
 
 import torch
 
-from aligner.data.batch import Batch, PackedBatch
+from aligner.data.batch import Batch, PackedBatch, PrefixSharedBatch
 from aligner.data.collate import collate_batch
 from aligner.data.tokenize import Example, UnpairedExample
 
@@ -61,9 +68,56 @@ def pack_pairs(examples: list[Example]) -> PackedBatch:
                        row_index=[*range(len(examples)), *range(len(examples))])
 
 
+def _range(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
+    """Pack B pairs as ``[prompt_i, chosen_i, rejected_i]`` back to back in one row (module doc).
+
+    Per pair i at row offset s, with P, C, R tokens: the query segments are [s, s+P+C) and [s+P+C, s+P+C+R);
+    their keys are the row positions [s, s+P+C) and [s, s+P) + [s+P+C, s+P+C+R). Chosen token t (t >= 0) is
+    scored from position s+P+t-1; rejected token t from s+P-1 (t = 0: the last prompt token) or s+P+C+t-1.
+    As in :func:`pack_pairs`, a sequence's very first token (empty prompt, t = 0) has no prefix and is not scored.
+    """
+    b = len(examples)
+    tokens, positions, response = [], [], []
+    seg_bounds, kv_index, kv_bounds, q_keep = [0], [], [0], []
+    score_pos, targets, owner, prompt_lengths = [], [], [], []
+    for i, ex in enumerate(examples):
+        p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
+        s, P, C, R = len(tokens), len(p), len(c), len(r)
+        tokens += p + c + r
+        positions += _range(0, P + C) + _range(P, R)
+        response += [False] * P + [True] * (C + R)
+        seg_bounds += [s + P + C, s + P + C + R]
+        g1 = len(kv_index)
+        kv_index += _range(s, P + C)
+        g2 = len(kv_index)
+        kv_index += _range(s, P) + _range(s + P + C, R)
+        kv_bounds += [g2, len(kv_index)]
+        q_keep += _range(g1, P + C) + _range(g2 + P, R)
+        first = 0 if P else 1  # with no prompt, a response's first token has nothing before it
+        for t in range(first, C):
+            score_pos.append(s + P + t - 1), targets.append(c[t]), owner.append(i)
+        for t in range(first, R):
+            score_pos.append(s + P - 1 if t == 0 else s + P + C + t - 1), targets.append(r[t]), owner.append(b + i)
+        prompt_lengths.append(P)
+    seg = torch.tensor(seg_bounds, dtype=torch.int32)
+    kv = torch.tensor(kv_bounds, dtype=torch.int32)
+    long = partial(torch.tensor, dtype=torch.long)
+    return PrefixSharedBatch(
+        input_ids=long(tokens)[None], position_ids=long(positions)[None], response_mask=torch.tensor(response)[None],
+        cu_seqlens=seg, max_seqlen=int(seg.diff().max()), kv_index=long(kv_index), kv_cu_seqlens=kv,
+        max_kv_seqlen=int(kv.diff().max()), q_keep=long(q_keep), positions=long(score_pos), targets=long(targets),
+        owner=long(owner), prompt_lengths=long(prompt_lengths), ids=[ex.id for ex in examples], n_chosen=b,
+        paired=True, row_index=[*range(b), *range(b)])
+
+
 def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
-                 max_length: int | None = None) -> Callable[[list], Batch]:
-    """The batch builder a run uses: :func:`pack_pairs` (``train.packing``) or the padded ``collate_batch``.
+                 max_length: int | None = None, prefix_sharing: bool = False) -> Callable[[list], Batch]:
+    """The batch builder a run uses: :func:`pack_prefix_shared` (``train.prefix_sharing``), :func:`pack_pairs`
+    (``train.packing``) or the padded ``collate_batch``, as the run's batch path decided (aligner/batch_path.py).
 
     Packing covers preference pairs; unpaired completions and batches that carry
     mismatched KL rows (``kl_pairs``, for kto) are padded.
@@ -71,9 +125,10 @@ def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
     padded = partial(collate_batch, pad_token_id=pad_token_id, kl_pairs=kl_pairs, max_length=max_length)
     if not packing or kl_pairs:
         return padded
+    pack = pack_prefix_shared if prefix_sharing else pack_pairs
 
     def collate(examples: list) -> Batch:
-        return pack_pairs(examples) if not isinstance(examples[0], UnpairedExample) else padded(examples)
+        return pack(examples) if not isinstance(examples[0], UnpairedExample) else padded(examples)
 
     return collate
 
