@@ -132,6 +132,9 @@ class TrainConfig:
     #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
     #: A model that transforms its logits after the head is scored with full logits (aligner/batch_path.py).
     logps_chunk_tokens: int = 1024
+    #: Deal each micro-step's pairs to the ranks by length (longest first, snake-wise), so ranks carry equal
+    #: tokens; the pairs of every step stay the same (aligner/data/sampler.py). ``perf/rank_imbalance`` shows it.
+    balance_ranks: bool = True
     #: Keep only the newest N checkpoints (0: keep all); older ones go only after the new one is published.
     keep_last: int = 0
     #: A NaN/inf loss or gradient: ``stop`` (save the last good step, name the step and examples) or ``skip``

@@ -98,7 +98,7 @@ class PerfMeter:
         """The step's ``perf/*`` values over all ranks (a collective: every rank calls it), then reset."""
         cpu = time.process_time() - self.cpu_started
         sums = torch.tensor([self.tokens, self.flops / elapsed, cpu], dtype=torch.float64)
-        maxes = torch.tensor([elapsed, peak_mem_gib()], dtype=torch.float64)
+        maxes = torch.tensor([elapsed, peak_mem_gib(), self.tokens], dtype=torch.float64)
         world = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
@@ -106,7 +106,9 @@ class PerfMeter:
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
         # A step ends when its slowest rank does: the job's tokens over that time.
         out = {"perf/tokens_per_s": float(sums[0] / maxes[0]), "perf/step_time_s": float(maxes[0]),
-               "perf/peak_mem_gib": float(maxes[1]), "perf/cpu_s": float(sums[2])}
+               "perf/peak_mem_gib": float(maxes[1]), "perf/cpu_s": float(sums[2]),
+               # the busiest rank's real tokens over the mean rank's: 1.0 when balanced (train.balance_ranks)
+               "perf/rank_imbalance": float(maxes[2] * world / sums[0]) if sums[0] else 1.0}
         if self.peak:
             out["perf/mfu"] = float(sums[1]) / (self.peak * world)
         self.tokens, self.flops = 0, 0.0

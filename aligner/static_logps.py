@@ -1,8 +1,12 @@
 """Cached log-probs of models that never change (``train.cache_static_logps``).
 
 A frozen model's summed response log-probs depend only on the example, so they
-are computed once, in a sharded pre-pass over the train and eval splits
-(gathered onto every rank), and looked up by example id afterwards. Static are
+are computed once, in a sharded pre-pass (gathered onto every rank), and looked
+up by example id afterwards. The pre-pass scores the eval split and, of the train
+split, only the examples the run's steps will draw (``aligner/train.py``
+``static_train_examples``: a 100-step run of a 60k-pair dataset scores 100 global
+batches, not 60k pairs); a resumed or longer run scores what it still lacks and
+reuses the rest. Static are
 the anchor, and the reference while no reference-update plugin moves it. A
 reference and an anchor loaded from the same checkpoint share one cache.
 

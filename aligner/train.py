@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from aligner import attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
-from aligner.data import Batch, DataError, PairSampler, UnpairedExample, make_collate, prepare_data
+from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
@@ -283,7 +283,8 @@ class Recipe:
         self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
         try:  # too few rows for one step: the same on every rank, before any engine is built
             self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world,
-                                       cfg.train.seed, cfg.data.shuffle)
+                                       cfg.train.seed, cfg.data.shuffle,
+                                       example_lengths(self.train_set) if cfg.train.balance_ranks else None)
         except ValueError as exc:
             raise DataError(f"data.train ({cfg.data.train}): {exc}") from None
         # The reward-model judge (eval.reward_model) is loaded now, so a bad one is refused before the engines.
@@ -301,8 +302,8 @@ class Recipe:
 
     def setup_models(self) -> None:
         """The static caches first (their pre-pass runs before the policy exists), then the engines."""
-        static = cache_static_models(self.cfg, self.plan, self.paths, {"train": self.train_set, "eval": self.eval_set},
-                                     self.pad_id)
+        static = cache_static_models(self.cfg, self.plan, self.paths,
+                                     {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id)
         self.engines = build_engines(self.cfg, self.plan, self.paths)
         self.policy = self.engines.policy
         self.train_static = {name: cache.split("train") for name, cache in static.items()}
@@ -315,6 +316,17 @@ class Recipe:
             log.info("models built: %s%s", ", ".join(engines), shared)
             log.info("model plan: %s", self.plan.describe())
             write_plan(self.plan, built, self.out, batch_path=self.path.to_dict())
+
+    def static_train_examples(self) -> list:
+        """The train examples the static pre-pass scores: those the steps still to run will draw (from the resumed
+        step on), not the whole split; all of it with ``train.on_nonfinite: skip``, whose skips draw more."""
+        cfg = self.cfg
+        if cfg.train.on_nonfinite == "skip":
+            return self.train_set
+        done = int(checkpoint.read_meta(self.resume_from)["step"]) if self.resume_from is not None else 0
+        accum = cfg.train.grad_accum
+        needed = self.sampler.examples_of(done * accum, max(0, cfg.train.max_steps - done) * accum)
+        return [self.train_set[i] for i in sorted(needed)]
 
     def restore(self) -> int:
         """Load the checkpoint being resumed into the engines, the sampler, the plugins and the RNG; its step."""

@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--sync-ref", action="store_true", help="TRL's sync_ref_model, every step")
+    p.add_argument("--precompute-ref", action="store_true",
+                   help="TRL's precompute_ref_log_probs (its fastest DPO setting; a pre-pass before step 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     return p.parse_args()
 
@@ -93,7 +95,7 @@ def main() -> None:
         report_to="none", disable_tqdm=True, train_sampling_strategy="sequential", dataloader_num_workers=0,
         seed=42, deepspeed=deepspeed_config(bf16), model_init_kwargs={"dtype": args.dtype},
         accelerator_config=accelerator_config,
-        sync_ref_model=args.sync_ref, ref_model_sync_steps=1,
+        sync_ref_model=args.sync_ref, ref_model_sync_steps=1, precompute_ref_log_probs=args.precompute_ref,
     )
     started = time.perf_counter()
     trainer = CountingDPOTrainer(

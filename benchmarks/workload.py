@@ -8,6 +8,9 @@ so that half of every padded batch of 4 pairs is padding. With the same seed
 shared ``make_workload.py`` does, so the rows and the weights are the same
 files; it does not need that script, or the shared folder, to exist.
 
+``LONG`` is the same model with long-prompt pairs (prompt 192–640, response 16–256 tokens, log-uniform:
+means about 372 and 87, like multi-turn dialogue), where the prompt dominates and prefix sharing pays.
+
 ``CUDA`` has Llama-3.2-1B shapes (hidden 2048, 16 layers, 32/8 heads, vocab
 128256) and sequences up to 2048 tokens. ``SMOKE`` is a tiny one for tests.
 
@@ -49,8 +52,17 @@ class Workload:
 
 
 CPU = Workload("cpu", 32000, 256, 4, 8, 2, 704, 512, (16, 192), (16, 448))
+LONG = Workload("long", 32000, 256, 4, 8, 2, 704, 512, (192, 640), (16, 256))
 CUDA = Workload("cuda", 128256, 2048, 16, 32, 8, 8192, 512, (64, 1024), (64, 1024), max_position=4096)
 SMOKE = Workload("smoke", 400, 32, 2, 4, 2, 64, 24, (3, 12), (2, 20), max_position=64)
+
+
+def describe(spec: Workload) -> str:
+    """The drawn lengths' means: log-uniform on [lo, hi] has mean (hi - lo) / ln(hi / lo)."""
+    def mean(lo: int, hi: int) -> float:
+        return (hi - lo) / math.log(hi / lo)
+
+    return f"prompt mean {mean(*spec.prompt):.0f}, response mean {mean(*spec.response):.0f} tokens"
 
 
 def _words(n: int, rng: random.Random) -> list[str]:

@@ -51,7 +51,7 @@ def first_batch_nll() -> float:
     from transformers import AutoModelForCausalLM
 
     from aligner import models
-    from aligner.data import PairSampler, load_rows, tokenize_dataset
+    from aligner.data import PairSampler, example_lengths, load_rows, tokenize_dataset
 
     path = models.resolve_path("embedded:tiny-sort", "model.name_or_path")
     tokenizer = models.load_tokenizer(path, False)
@@ -59,7 +59,8 @@ def first_batch_nll() -> float:
     examples = tokenize_dataset(load_rows("embedded:train"), tokenizer, 64, None, "error", "train")
     total = 0.0
     for rank in range(2):
-        batch = [examples[i] for i in next(iter(PairSampler(len(examples), MICRO_BATCH, rank, 2, 42)))]
+        batch = [examples[i] for i in next(iter(PairSampler(len(examples), MICRO_BATCH, rank, 2, 42,
+                                                                     lengths=example_lengths(examples))))]
         width = max(len(ex.prompt_ids) + len(ex.chosen_ids) for ex in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)

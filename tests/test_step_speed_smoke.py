@@ -1,8 +1,9 @@
 """benchmarks/step_speed.py --smoke: every row runs through the real launchers on a tiny workload.
 
 The aligner rows double as the fast path's end-to-end test: 2 ZeRO-3 ranks on CPU, the naive row
-(padded, full logits) and the fast row (packed, chunked log-probs, gradient checkpointing) give the
-same per-step losses, starting at ln 2, and both log the perf/* tags to TensorBoard.
+(padded, full logits) and the default row (no flags: packed, prefix-shared, chunked log-probs, ranks
+balanced by tokens; here with gradient checkpointing) give the same per-step losses, starting at ln 2,
+and both log the perf/* tags to TensorBoard.
 """
 
 import json
@@ -22,7 +23,7 @@ STEPS = 3
 def smoke(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--smoke", "--work", str(work),
-           "--rows", "naive,fast,trl", "--steps", str(STEPS), "--json", str(work / "rows.json"),
+           "--rows", "naive,default,trl", "--steps", str(STEPS), "--json", str(work / "rows.json"),
            "--fast-set", "model.gradient_checkpointing=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -33,7 +34,7 @@ def smoke(tmp_path_factory):
 def test_fast_path_gives_the_naive_losses_from_ln2_and_logs_perf_tags(smoke):
     _, result = smoke
     rows = {r["row"]: r for r in result["rows"]}
-    naive, fast = (read_scalars(Path(rows[name]["output_dir"]) / "tensorboard") for name in ("naive", "fast"))
+    naive, fast = (read_scalars(Path(rows[name]["output_dir"]) / "tensorboard") for name in ("naive", "default"))
     for scalars in (naive, fast):
         assert abs(scalars["train/loss"][0][1] - math.log(2)) < 1e-5
         assert [s for s, _ in scalars["perf/peak_mem_gib"]] == list(range(1, STEPS + 1))
@@ -49,7 +50,7 @@ def test_fast_path_gives_the_naive_losses_from_ln2_and_logs_perf_tags(smoke):
 def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
     stdout, result = smoke
     names = [r["row"] for r in result["rows"]]
-    assert names[:2] == ["naive", "fast"] and "| naive | padded, full logits, reference forward every step |" in stdout
+    assert names[:2] == ["naive", "default"] and "| naive | padded, full logits, reference forward every step |" in stdout
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -63,7 +64,7 @@ def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
 def test_unknown_row_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--rows", "naive,turbo"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, cached, fast, trl" in proc.stderr
+    assert proc.returncode == 2 and "--rows: unknown row(s) turbo; choose from naive, packing, chunked, cached, fast, default, unshared, unbalanced, trl" in proc.stderr
 
 
 def test_gpu_twin_parses_on_cpu():
@@ -88,6 +89,11 @@ def test_rows_describe_their_plugin_set_and_update_the_reference_as_often_as_trl
     assert step_speed.update_every_step(tr) == ["tr_soft.every=1"] and step_speed.update_every_step("dpo") == []
     args = step_speed.parse_args(["--plugins", tr])
     assert "tr_soft.every=1" in step_speed.aligner_command(args, rows["fast"], Path("/w"), step_speed.spec_for(args))
+    assert "anchor log-probs cached, reference live" in step_speed.row_note(rows["default"], tr)
+    assert step_speed.section_name("dpo", "long") == "step_speed_long"
+    long_args = step_speed.parse_args(["--workload", "long"])
+    assert step_speed.spec_for(long_args).name == "long" and "prompt mean 372, response mean 87" in \
+        step_speed.workload.describe(step_speed.spec_for(long_args))
     assert step_speed.section_name("dpo") == "step_speed"
     assert step_speed.section_name(tr) == "step_speed_dpo_tr_soft_flipguard"
 

@@ -21,7 +21,21 @@ def dpo_run(tmp_path_factory):
     proc = launch(["--config", "configs/tiny-cpu.yaml", "--plugins", "dpo",
                    "--set", f"output_dir={out}", "train.max_steps=40", "eval.every=20", "train.save_every=20"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
     return out
+
+
+@pytest.mark.slow
+def test_the_default_run_takes_the_packed_prefix_shared_chunked_path_and_says_so(dpo_run):
+    """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/batch_path.py), logged once, in plan.json."""
+    written = json.loads((dpo_run / "plan.json").read_text())
+    assert written["batch_path"] == {"packing": True, "prefix_sharing": True, "chunk_tokens": 1024,
+                                     "attn_implementation": "aligner_varlen", "fallbacks": []}
+    logs = (dpo_run / "launch.log").read_text()
+    line = "batch path: packed + prefix-shared + chunked head (1024 tokens), attention aligner_varlen"
+    assert logs.count(line) == 1  # rank 0 only
+    imbalance = [v for _, v in read_scalars(dpo_run / "tensorboard")["perf/rank_imbalance"]]
+    assert len(imbalance) == 40 and all(1.0 <= v < 1.5 for v in imbalance)
 
 
 @pytest.mark.slow

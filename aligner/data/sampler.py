@@ -6,6 +6,14 @@ import random
 from collections.abc import Iterator
 
 
+def example_lengths(examples: list) -> list[int]:
+    """Each example's real tokens as its batch counts them: prompt + chosen + prompt + rejected for a pair,
+    prompt + completion for an unpaired row (what ``train.balance_ranks`` balances)."""
+    if examples and hasattr(examples[0], "completion_ids"):
+        return [len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples]
+    return [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
+
+
 class PairSampler:
     """Yields micro-batches of example indices for one rank, forever, epoch after epoch.
 
@@ -14,10 +22,18 @@ class PairSampler:
     tail that does not fill a micro-batch on every rank is dropped, so all ranks
     take the same number of steps. The position (epoch, batch) is the state to
     save for an exact resume.
+
+    With ``lengths`` (each example's real tokens; ``train.balance_ranks``) the ranks' micro-batch b still
+    hold, together, exactly the pairs above (permutation positions ``[b·bs·world, (b+1)·bs·world)``), but
+    which rank gets which of them is dealt by length: longest first, snake-wise (ranks 0..W-1, then
+    W-1..0, ...), so every rank's forward and backward carry about the same tokens and no rank waits in
+    the collectives for a longer one. Deterministic, and the same state resumes it.
     """
 
-    def __init__(self, n_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, n_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 lengths: list[int] | None = None):
         self.n, self.bs, self.rank, self.world, self.seed, self.shuffle = n_examples, micro_batch_size, rank, world_size, seed, shuffle
+        self.lengths = lengths if lengths is not None and world_size > 1 else None
         self.batches_per_epoch = n_examples // (micro_batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -26,11 +42,37 @@ class PairSampler:
             )
         self.epoch, self.batch = 0, 0
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> list[int]:
         order = list(range(self.n))
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(order)
-        return order[self.rank::self.world][: self.batches_per_epoch * self.bs]
+        return order
+
+    def examples_of(self, first_batch: int, n_batches: int) -> set[int]:
+        """The examples every rank together takes in micro-batches ``first_batch .. first_batch + n_batches - 1``
+        (counted from the start of epoch 0; one per rank per micro-step): what a run of that many micro-steps
+        will see, whichever rank each is dealt to."""
+        group, out, permutations = self.bs * self.world, set(), {}
+        for b in range(first_batch, first_batch + n_batches):
+            epoch, k = divmod(b, self.batches_per_epoch)
+            order = permutations.setdefault(epoch, self._permutation(epoch))
+            out.update(order[k * group:(k + 1) * group])
+            if len(out) == self.n:
+                break
+        return out
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = self._permutation(epoch)
+        if self.lengths is None:
+            return order[self.rank::self.world][: self.batches_per_epoch * self.bs]
+        group = self.bs * self.world
+        return [i for b in range(self.batches_per_epoch) for i in self._deal(order[b * group:(b + 1) * group])]
+
+    def _deal(self, group: list[int]) -> list[int]:
+        """This rank's share of one micro-step's pairs, dealt longest first, snake-wise over the ranks."""
+        ranked = sorted(range(len(group)), key=lambda k: (-self.lengths[group[k]], k))
+        turn = [r for j in range(self.bs) for r in (range(self.world) if j % 2 == 0 else reversed(range(self.world)))]
+        return [group[k] for k, r in zip(ranked, turn) if r == self.rank]
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
