@@ -22,7 +22,6 @@ decided) that the engines, the step, the evaluation and the static pre-pass then
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ import torch
 
 from aligner import attention
 from aligner.logps import logits_transform
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
 
 
 def decide_for_run(cfg, policy_path: Path, paired: bool, kl_pairs: bool) -> BatchPath:
-    """:func:`decide` with the policy checkpoint's config, logged once (rank 0 calls it with ``log`` on)."""
+    """:func:`decide` with the policy checkpoint's config (every rank decides alike; rank 0 logs the line)."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
