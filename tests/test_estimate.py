@@ -214,7 +214,7 @@ def test_chunked_log_probs_shrink_the_logits_lines():
         cfg, plugins = cfg_and_plugins("configs/llama3-8b-zero3.yaml", "dpo", *overrides)
         return {line.name: line.bytes for line in estimate.estimate(cfg, plugins, LLAMA3_8B, 8).steady}
 
-    naive, chunked = lines(), lines("train.logps_chunk_tokens=1024")
+    naive, chunked = lines("train.logps_chunk_tokens=0"), lines("train.logps_chunk_tokens=1024")  # 1024: the default
     tokens = 2 * 2 * 2048
     assert naive["policy logits"] == tokens * 128256 * (2 * 2 + 4)
     # One (1024, V) fp32 chunk and its bf16 copy in the backward pass, plus the hidden states it is computed from.
