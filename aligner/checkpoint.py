@@ -97,10 +97,10 @@ def check_compatible(folder: Path, meta: dict[str, Any], expected: dict[str, Any
         "model": "resume with the same model.name_or_path, or start afresh with --overwrite",
         "architecture": "this checkpoint holds another model's weights; resume with the model it was trained from",
         "plugins": "resume with the same --plugins (their states are in the checkpoint), or start afresh with --overwrite",
-        "world_size": "resume with the same number of ranks (ZeRO shards are per rank)",
-        "zero_stage": "resume with the same train.zero_stage",
         "lora": "a LoRA checkpoint holds adapters and a full one all weights: resume with the model.lora section "
                 "of the run that wrote it (or null for a full run), or start afresh with --overwrite",
+        "world_size": "resume with the same number of ranks (ZeRO shards are per rank)",
+        "zero_stage": "resume with the same train.zero_stage",
     }
     for key, fix in fixes.items():
         if key in expected and meta.get(key) != expected[key]:
