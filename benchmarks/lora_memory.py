@@ -13,7 +13,8 @@ rows in file order, 4 pairs per rank, 2 ZeRO-3 ranks on gloo, one row after anot
 - ``trl lora``: TRL 1.16's DPOTrainer with ``peft_config`` (the same LoraConfig) under ZeRO-3
   (benchmarks/trl_peer.py; the ``bench`` extra).
 
-Peak RSS: the largest rank's, for the whole process (start-up and pre-pass included). tok/s: real tokens of
+Peak RSS: the largest rank's, for the whole process (start-up and pre-pass included; ``perf/peak_mem_gib``,
+``ru_maxrss``, as TRL's row measures it). tok/s: real tokens of
 all ranks over the slowest rank's step time, after ``--warmup`` steps. Also printed: aligner-estimate's
 per-rank total for each aligner row, and the machine's load average before and after. The table goes to
 stdout and into benchmarks/RESULTS.md between the ``lora-memory`` markers.
@@ -80,21 +81,17 @@ def estimated_gib(sets: list[str]) -> float:
 
 def run_aligner(args, row: str, work: Path, spec: workload.Workload) -> dict:
     sets = aligner_sets(args, row, work, spec)
-    cmd = deepspeed_command(["--config", "configs/tiny-cpu.yaml", "--plugins", "dpo,rss_probe:probe", "--overwrite",
-                             "--set", *sets], 2)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(HERE)}, capture_output=True, text=True,
-                          timeout=args.timeout)
+    cmd = deepspeed_command(["--config", "configs/tiny-cpu.yaml", "--plugins", "dpo", "--overwrite", "--set", *sets], 2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"row {row} failed:\n{proc.stderr[-3000:]}")
     out = work / "runs" / row.replace(", ", "-")
     s = read_scalars(out / "tensorboard")
     tok = [a * b for (_, a), (_, b) in zip(s["perf/tokens_per_s"], s["perf/step_time_s"])][args.warmup:]
     step = [v for _, v in s["perf/step_time_s"]][args.warmup:]
-    probes = [json.loads(p.read_text()) for p in sorted(out.glob("rss_rank*.json"))]
-    steps_peak = max(r["steps_gib"] for r in probes)  # steps 2..N: what the estimate's training total models
     built = [line for line in proc.stderr.splitlines() if "models built:" in line]
-    return {"row": row, "tok_s": sum(tok) / sum(step), "peak_gib": max(steps_peak, *(r["through_step1_gib"] for r in probes)),
-            "steps_gib": steps_peak, "estimate_gib": estimated_gib(sets),
+    return {"row": row, "tok_s": sum(tok) / sum(step), "peak_gib": s["perf/peak_mem_gib"][-1][1],
+            "estimate_gib": estimated_gib(sets),
             "loss1": s["train/loss"][0][1], "built": built[0].split("models built: ")[-1] if built else ""}
 
 
@@ -111,7 +108,7 @@ def run_trl(args, work: Path, spec: workload.Workload) -> dict:
     r = json.loads(out.read_text())
     tok, step = r["tokens"][args.warmup:], r["step_time_s"][args.warmup:]
     return {"row": "trl lora", "tok_s": sum(tok) / sum(step), "peak_gib": max(r["peak_mem_gib_per_rank"]),
-            "steps_gib": float("nan"), "estimate_gib": float("nan"), "loss1": r["losses"][0], "built": "TRL: policy (peft), reference = adapters disabled"}
+            "estimate_gib": float("nan"), "loss1": r["losses"][0], "built": "TRL: policy (peft), reference = adapters disabled"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_trl:
         results.append(run_trl(args, work, spec))
     load_after = os.getloadavg()
-    rows = ["| row | peak RSS per rank, whole process (GiB) | peak RSS, steps 2..N (GiB) | aligner-estimate (GiB) | "
-            "real tok/s | step-1 loss | models |", "|---|---|---|---|---|---|---|"]
-    rows += [f"| {r['row']} | {r['peak_gib']:.2f} | {r['steps_gib']:.2f} | {r['estimate_gib']:.2f} | {r['tok_s']:.0f} | "
-             f"{r['loss1']:.4f} | {r['built']} |" for r in results]
+    rows = ["| row | peak RSS per rank (GiB) | aligner-estimate (GiB) | real tok/s | step-1 loss | models |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {r['row']} | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['tok_s']:.0f} | {r['loss1']:.4f} | "
+             f"{r['built']} |" for r in results]
     text = (f"## LoRA against full fine-tuning on the CPU yardstick (`benchmarks/lora_memory.py`)\n\n"
             f"`{command_line(__file__, argv)}` ({time.strftime('%Y-%m-%d', time.gmtime())}): 19M-parameter yardstick, "
             f"2 ZeRO-3 ranks (gloo), {args.pairs} pairs per rank, {args.steps} steps (tok/s after {args.warmup}), "

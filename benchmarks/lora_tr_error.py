@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"## LoRA tr_soft: the rank-R reference adapter against the exact dense mixture (`benchmarks/lora_tr_error.py`)\n\n"
             f"`{command_line(__file__, argv)}`: LoRA DPO on the embedded tiny Llama, r = {args.rank}, "
             f"{args.steps} steps, an update every {args.every} steps; the rule's reference (stacked factors "
-            f"recompressed to rank R) against θ_ref ← α·θ + (1−α)·θ_ref computed densely in float64. The last column "
-            f"is how far the reference moved from the base, for scale.\n\n{table}")
+            f"recompressed to rank R) against θ_ref ← α·θ + (1−α)·θ_ref computed densely in float64. The exact ΔW_ref's rank counts "
+            f"singular values above 1e-8 of the largest; the last column is how far the reference moved from the "
+            f"base, for scale. The factors are stored in fp32, so ~4e-8 is the floor.\n\n{table}")
     write_section(Path(args.results), "lora-tr-error", text)
     print(text)
     return 0
