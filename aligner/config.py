@@ -228,6 +228,11 @@ class RunConfig:
     #: One dataclass instance per active plugin that has options, by section name.
     sections: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.export.merge_lora and self.model.lora is None:
+            raise ConfigError("export.merge_lora: true merges LoRA adapters into the base, but model.lora is not set "
+                              "(a full run's final/ is already a merged model); set model.lora, or remove export.merge_lora")
+
     def section(self, name: str) -> Any:
         """The options of plugin section ``name`` (e.g. ``config.section("dpo").beta``)."""
         return self.sections[name]

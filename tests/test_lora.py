@@ -42,6 +42,12 @@ def test_wrong_lora_keys_and_values_name_the_key_and_the_fix(override, message):
     assert f"--set {override}" in str(err.value) or "unknown key" in message  # unknown keys name the config file
 
 
+def test_merge_lora_without_lora_is_refused():
+    with pytest.raises(ConfigError, match=r"export.merge_lora: true merges LoRA adapters into the base, but model.lora "
+                                          r"is not set .*; set model.lora, or remove export.merge_lora"):
+        config("export.merge_lora=true")
+
+
 def test_a_wrong_lora_key_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path}",
                            "model.lora.dropout=1.5"], capture_output=True, text=True, timeout=120)
