@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     rows = ["| row | peak RSS per rank (GiB) | aligner-estimate (GiB) | real tok/s | step-1 loss | models |",
             "|---|---|---|---|---|---|"]
-    rows += [f"| {r['row']} | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['tok_s']:.0f} | {r['loss1']:.4f} | "
+    rows += [f"| {r['row']} | {r['peak_gib']:.2f} | {'—' if r['row'].startswith('trl') else format(r['estimate_gib'], '.2f')} | "
+             f"{r['tok_s']:.0f} | {r['loss1']:.4f} | "
              f"{r['built']} |" for r in results]
     text = (f"## LoRA against full fine-tuning on the CPU yardstick (`benchmarks/lora_memory.py`)\n\n"
             f"`{command_line(__file__, argv)}` ({time.strftime('%Y-%m-%d', time.gmtime())}): 19M-parameter yardstick, "
