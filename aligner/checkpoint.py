@@ -97,6 +97,8 @@ def check_compatible(folder: Path, meta: dict[str, Any], expected: dict[str, Any
         "model": "resume with the same model.name_or_path, or start afresh with --overwrite",
         "architecture": "this checkpoint holds another model's weights; resume with the model it was trained from",
         "plugins": "resume with the same --plugins (their states are in the checkpoint), or start afresh with --overwrite",
+        "lora": "a LoRA checkpoint holds adapters and a full one all weights: resume with the model.lora section "
+                "of the run that wrote it (or null for a full run), or start afresh with --overwrite",
         "world_size": "resume with the same number of ranks (ZeRO shards are per rank)",
         "zero_stage": "resume with the same train.zero_stage",
     }
@@ -167,8 +169,11 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
          write_extra: Callable[[Path], None] | None = None, meta: dict[str, Any] | None = None,
-         keep_last: int = 0, rng: dict[str, Any] | None = None) -> Path:
+         keep_last: int = 0, rng: dict[str, Any] | None = None, trainable_only: bool = False) -> Path:
     """Write ``checkpoints/step_<step>`` atomically on every rank (a collective call).
+
+    ``trainable_only`` (``model.lora``): the engine's shards hold only the parameters that train (the adapters,
+    their optimizer state); the frozen base is the model's own checkpoint and is not copied.
 
     ``write_extra(folder)`` runs on every rank after the engine's shards are
     written, into the unpublished folder (``aligner_save_checkpoint``). ``meta``
@@ -186,7 +191,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
     _barrier()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: a failed write (EFBIG), not a killed rank
     folder = staging / tag
-    failure = _write_shards(engine, folder, client_state, rng or rng_state(), write_extra)
+    failure = _write_shards(engine, folder, client_state, rng or rng_state(), write_extra, trainable_only)
     _raise_if_any_write_failed(failure and describe_write_failure(failure, staging, engine, output_dir), staging, output_dir)
     if rank == 0:
         _fsync_tree(folder)
@@ -215,7 +220,7 @@ class _WriteFailed(OSError):
 
 
 def _write_shards(engine, folder: Path, client_state: dict[str, Any], rng: dict[str, Any],
-                  write_extra: Callable[[Path], None] | None) -> BaseException | None:
+                  write_extra: Callable[[Path], None] | None, trainable_only: bool = False) -> BaseException | None:
     """This rank's part of a save into the unpublished ``folder``; the write error, if one happened.
 
     DeepSpeed's save runs collectives between its file writes, so a rank whose write
@@ -238,7 +243,8 @@ def _write_shards(engine, folder: Path, client_state: dict[str, Any], rng: dict[
 
     ckpt_engine.save = save_or_record
     try:
-        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=trainable_only)
     except OSError as exc:  # a write outside the checkpoint engine (a folder, the recovery script)
         _barrier()  # the one DeepSpeed's save ends with, which this rank skipped; a lost peer fails here
         return exc
@@ -308,10 +314,14 @@ def _raise_if_any_write_failed(message: str | None, staging: Path, output_dir: s
     )
 
 
-def load(engine, checkpoint_dir: Path) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG from a checkpoint; return its client state."""
+def load(engine, checkpoint_dir: Path, trainable_only: bool = False) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG from a checkpoint; return its client state.
+
+    ``trainable_only``: the checkpoint was saved so (``model.lora``); the frozen weights stay as loaded.
+    """
     rank, _ = _rank_world()
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
+                                                load_module_strict=not trainable_only)
     if path is None:
         raise CheckpointError(f"--resume: {checkpoint_dir} is not a readable DeepSpeed checkpoint")
     rng_file = checkpoint_dir / f"rng_rank{rank}.pt"

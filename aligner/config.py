@@ -24,6 +24,47 @@ class ConfigError(ValueError):
     """The run config is wrong; the message names the key or file and the fix."""
 
 
+#: ``model.lora.target_modules`` default: every linear layer of the decoder (peft's "all-linear": not the LM head).
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraSection:
+    """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/lora.py)."""
+
+    r: int = 8  #: the adapters' rank
+    alpha: float = 16.0  #: LoRA's α: the update is (α/r)·B·A
+    dropout: float = 0.0  #: dropout on the adapters' input, in [0, 1)
+    #: ``all-linear`` (every linear layer of the decoder, as peft's "all-linear"), or a list of module names
+    #: (suffixes such as ``q_proj``, as peft's ``target_modules``).
+    target_modules: str | list[str] = ALL_LINEAR
+    #: Modules trained in full beside the adapters and saved with them (peft's ``modules_to_save``, e.g. ``lm_head``).
+    modules_to_save: list[str] | None = None
+    #: The rank of the reference adapter that a reference-update plugin moves; ``null`` = 2·r (aligner/lora.py).
+    reference_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r must be >= 1 (the adapters' rank), got {self.r}; e.g. r: 8")
+        _positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            raise ConfigError(f"model.lora.target_modules must be {ALL_LINEAR!r} or a list of module names "
+                              f"(e.g. [q_proj, v_proj]), got {self.target_modules!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError(f"model.lora.target_modules is an empty list; name modules (e.g. [q_proj, v_proj]) "
+                              f"or leave it out for {ALL_LINEAR!r}")
+        if self.reference_rank is not None and self.reference_rank < self.r:
+            raise ConfigError(f"model.lora.reference_rank must be >= model.lora.r ({self.r}), got "
+                              f"{self.reference_rank}; leave it out for 2·r")
+
+    @property
+    def ref_rank(self) -> int:
+        """The reference adapter's rank: ``reference_rank``, else 2·r."""
+        return self.reference_rank or 2 * self.r
+
+
 @dataclass
 class ModelConfig:
     #: A Hub model ID (``meta-llama/Meta-Llama-3-8B-Instruct``), a local HF checkpoint folder, or
@@ -45,6 +86,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
     trust_remote_code: bool = False
+    #: LoRA adapters instead of full fine-tuning (a mapping of :class:`LoraSection` keys); ``null`` = full weights.
+    lora: LoraSection | None = None
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
@@ -177,6 +220,12 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    #: Under ``model.lora``: also write the merged model (base + adapters) to ``final/merged`` (from_pretrained loads it).
+    merge_lora: bool = False
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/tiny"
     plugins: list[str] = field(default_factory=lambda: [DEFAULT_LOSS])
@@ -184,8 +233,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     #: One dataclass instance per active plugin that has options, by section name.
     sections: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.export.merge_lora and self.model.lora is None:
+            raise ConfigError("export.merge_lora: true merges LoRA adapters into the base, but model.lora is not set "
+                              "(a full run's final/ is already a merged model); set model.lora, or remove export.merge_lora")
 
     def section(self, name: str) -> Any:
         """The options of plugin section ``name`` (e.g. ``config.section("dpo").beta``)."""
@@ -197,7 +252,8 @@ class RunConfig:
         return out
 
 
-CORE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+CORE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                 "export": ExportConfig}
 CORE_SCALARS = {"output_dir": str, "plugins": list}
 
 
@@ -311,7 +367,7 @@ def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
             raise ConfigError(
                 f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
             )
-        kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"))
+        kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"), origin)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -320,8 +376,15 @@ def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
         raise ConfigError(f"{origin.of_message(str(exc), prefix, names)}: section '{prefix}': {exc}") from exc
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; numbers may come as strings (YAML reads 5e-7 as one)."""
+def _coerce(value: Any, tp: Any, key: str, source: str, where: _Origin | None = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; numbers may come as strings (YAML reads 5e-7 as one).
+
+    A dataclass annotation is a nested section (``model.lora``), built from a mapping by :func:`_build_section`.
+    """
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _wrong(key, source, "a mapping of options", value)
+        return _build_section(tp, value, key, where or _Origin(source, {}))
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -332,7 +395,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, source)
+                return _coerce(value, arg, key, source, where)
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]

@@ -150,6 +150,15 @@ class ModelShape:
         small += (embed if embed < threshold else 0) * (1 if self.tie_word_embeddings else 2)
         return small
 
+    def lora_params(self, target_modules: str | list[str], rank: int) -> int:
+        """Elements of rank-``rank`` adapters on the targeted linear layers: r·(in + out) per adapted layer
+        (``all-linear``: all seven of a Llama block; names of other modules count nothing here)."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.kv_width, self.intermediate_size
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = shapes if isinstance(target_modules, str) else [n for n in target_modules if n in shapes]
+        return self.num_layers * sum(rank * sum(shapes[n]) for n in names)
+
     def activation_elems_per_token_layer(self) -> int:
         """Elements autograd keeps per token and layer of a Llama block (SDPA attention): see the module doc."""
         return 10 * self.hidden_size + 3 * self.kv_width + 4 * self.intermediate_size
@@ -226,6 +235,8 @@ def planned_frozen_models(cfg, plugins, plan: ModelPlan | None = None) -> list[F
     plan = plan or make_plan(cfg, plugins)
     out: dict[str, FrozenModel] = {}
     for spec in plan.frozen():
+        if spec.shares == "policy" or (spec.shares and spec.shares not in out):
+            continue  # LoRA: the policy engine with its adapters off or switched holds no weights of its own
         if spec.shares:
             shared = out.pop(spec.shares)
             out[spec.shares] = FrozenModel(f"{shared.role}+{spec.name}", shared.path, shared.dtype, shared.cached)
@@ -260,6 +271,7 @@ class Estimate:
     frozen: list[FrozenModel] = field(default_factory=list)
     plan: ModelPlan | None = None
     data_paired: bool | None = None  # None: data.train could not be read here, pairs assumed
+    trainable: int = 0  # parameters the optimizer holds state for (under model.lora: the adapters)
 
     @property
     def steady_total(self) -> float:
@@ -319,6 +331,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB)
     est.plan = plan or make_plan(cfg, plugins)
     est.frozen = planned_frozen_models(cfg, plugins, est.plan)
+    est.trainable = trainable_params(est, cfg)
     _policy_state(est, cfg, zero)
     _zero_buffers(est, cfg, zero)
     _policy_forward(est, cfg)
@@ -335,23 +348,37 @@ def _offloaded(zero: dict[str, Any], key: str) -> bool:
     return key in zero and zero[key].get("device", "none") != "none"
 
 
+def trainable_params(est: Estimate, cfg) -> int:
+    """Parameters the optimizer holds state for: all of them, or under ``model.lora`` the adapters only."""
+    lora = cfg.model.lora
+    return est.shape.num_params() if lora is None else est.shape.lora_params(lora.target_modules, lora.r)
+
+
 def _policy_state(est: Estimate, cfg, zero: dict[str, Any]) -> None:
-    """The policy's params, gradient partitions, fp32 master, fp32 gradients and Adam moments."""
+    """The policy's params, gradient partitions, fp32 master, fp32 gradients and Adam moments (of the trainable
+    parameters: under ``model.lora`` the adapters, and the frozen reference adapter when a plugin moves it)."""
     d, P, stage, shard = _bytes(cfg.model.dtype), est.shape.num_params(), int(zero.get("stage", 0)), _shards(zero, est.ranks)
+    T = trainable_params(est, cfg)
     where = est.host if _offloaded(zero, "offload_optimizer") else est.steady
     persistent = est.shape.persistent_params(_zero_setting(zero, "stage3_param_persistence_threshold")) if stage == 3 else 0
     params_line = Line("policy params", d * ((P - persistent) / shard[0] + persistent),
                        f"{cfg.model.dtype}, 1/{shard[0]} of {P / 1e9:.3f}B" + (f" + {persistent:,} persistent" if persistent else ""))
     (est.host if _offloaded(zero, "offload_param") else est.steady).append(params_line)
-    est.steady.append(Line("policy gradient partitions", d * P / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
-    where.append(Line("policy fp32 gradients", 4 * P / shard[2], "flattened for the optimizer step", "step"))
-    where.append(Line("policy fp32 master", 4 * P / shard[2], "fp32 copy of the partition"))
-    where.append(Line("policy Adam moments", 8 * P / shard[2], "exp_avg + exp_avg_sq, fp32"))
+    if cfg.model.lora is not None:
+        moved = any(spec.adapters == "reference" for spec in est.plan.frozen())
+        R = cfg.model.lora.ref_rank if moved else 0
+        A = T + est.shape.lora_params(cfg.model.lora.target_modules, R)
+        est.steady.append(Line("LoRA adapters", d * A / shard[0], f"{T:,} trainable (r={cfg.model.lora.r})"
+                               + (f" + {A - T:,} reference adapter (rank {R})" if moved else "") + f", 1/{shard[0]}"))
+    est.steady.append(Line("policy gradient partitions", d * T / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
+    where.append(Line("policy fp32 gradients", 4 * T / shard[2], "flattened for the optimizer step", "step"))
+    where.append(Line("policy fp32 master", 4 * T / shard[2], "fp32 copy of the partition"))
+    where.append(Line("policy Adam moments", 8 * T / shard[2], "exp_avg + exp_avg_sq, fp32"))
 
 
 def _zero_buffers(est: Estimate, cfg, zero: dict[str, Any]) -> None:
     """ZeRO's working buffers: the reduce bucket, its reduce-scatter copies, the gathered parameters."""
-    d, P, stage = _bytes(cfg.model.dtype), est.shape.num_params(), int(zero.get("stage", 0))
+    d, P, stage = _bytes(cfg.model.dtype), trainable_params(est, cfg), int(zero.get("stage", 0))
     if stage == 3:
         bucket = _zero_setting(zero, "reduce_bucket_size")
         cpu = est.device == "cpu"
@@ -364,7 +391,7 @@ def _zero_buffers(est: Estimate, cfg, zero: dict[str, Any]) -> None:
             # Gloo's reduce_scatter_tensor works on temporary copies: 1.5x its input, measured (95 MiB in, 145 MiB
             # more peak RSS on 2 ranks, torch 2.13). NCCL reduces in place.
             est.steady.append(Line("gloo reduce-scatter scratch", 1.5 * d * min(bucket, P), "gloo's temporary copies", "fwd"))
-        live = min(P, _zero_setting(zero, "stage3_max_live_parameters") + _zero_setting(zero, "stage3_prefetch_bucket_size"))
+        live = min(est.shape.num_params(), _zero_setting(zero, "stage3_max_live_parameters") + _zero_setting(zero, "stage3_prefetch_bucket_size"))
         est.steady.append(Line("policy gathered params", d * live, f"{int(live):,} live elements (max_live + prefetch)"))
     elif stage in (1, 2):
         est.steady.append(Line("reduce bucket", d * min(_zero_setting(zero, "reduce_bucket_size"), P), ""))
@@ -464,7 +491,8 @@ def deepspeed_model_states(total_params: int, largest_layer_params: int, gpus_pe
 def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     s = est.shape
     out = [f"model: {s.num_params() / 1e9:.3f}B params ({s.num_layers} layers, hidden {s.hidden_size}, "
-           f"vocab {s.vocab_size}); {est.ranks} ranks ({est.gpus_per_node} per node), device {est.device}"]
+           f"vocab {s.vocab_size}); {est.ranks} ranks ({est.gpus_per_node} per node), device {est.device}"
+           + (f"; LoRA: {est.trainable:,} trainable params" if est.trainable != s.num_params() else "")]
     frozen = ", ".join(f"{f.role} ({f.dtype}{', cached' if f.cached else ''})" for f in est.frozen) or "none"
     out.append(f"frozen models the plugins build: {frozen}")
     if est.plan is not None:
@@ -529,7 +557,7 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
 
 def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
     return {
-        "params": est.shape.num_params(), "ranks": est.ranks, "device": est.device,
+        "params": est.shape.num_params(), "trainable_params": est.trainable, "ranks": est.ranks, "device": est.device,
         "frozen": [f.__dict__ for f in est.frozen],
         "plan": est.plan.to_dict() if est.plan is not None else None, "data_paired": est.data_paired,
         "steady_gib": {line.name: line.bytes / GIB for line in est.steady},

@@ -192,7 +192,9 @@ class Engines:
     """The DeepSpeed engines of a run. ``reference`` and ``anchor`` may be ``None``,
     or the same object when no reference-update plugin is active. A model whose
     log-probs come from the static cache (``train.cache_static_logps``: the anchor,
-    and the reference while nothing moves it) has no engine during the steps."""
+    and the reference while nothing moves it) has no engine during the steps. Under ``model.lora`` a reference or
+    anchor that is the initial policy is an :class:`aligner.lora.PolicyView`: the policy engine run with its
+    adapters off (or with the moved reference adapter), callable like an engine, with the same ``module``."""
 
     policy: Any
     reference: Any = None

@@ -230,12 +230,18 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
-def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any]):
+def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False):
+    """The policy's training engine; under ``model.lora`` a ``PeftModel`` whose adapters alone train
+    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841 - must live while from_pretrained runs (ZeRO-3 init)
     model = load_model(path, cfg)
+    if cfg.model.lora is not None:
+        from aligner import lora
+
+        model = lora.wrap(model, cfg.model.lora, cfg.train.seed, reference_adapter)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(

@@ -22,11 +22,14 @@ The rules, each written here only:
   live, though, when a plugin asked for ``kl_pairs`` (its log-probs on the
   step's mismatched pairs are not in the cache);
 - an anchor with the same source as an unmoved reference, held the same way
-  (both live or both cached), shares the reference's engine or cache.
-
-LoRA will add a source ("the policy with adapters off"): that is a new
-:attr:`ModelSpec.source` kind here, and the engines built from it in
-``aligner/train.py``.
+  (both live or both cached), shares the reference's engine or cache;
+- under ``model.lora`` (aligner/lora.py) a live model whose source is the
+  policy's initial weights has no engine: it ``shares`` the policy's, with
+  ``adapters`` ``off`` (the base: B = 0 at the start, so base = initial
+  policy); a moved reference is the policy engine with its frozen
+  ``reference`` adapter (``adapters: reference``), in the policy's dtype. A
+  reference from another ``model.reference_path`` gets an engine of its own
+  (it cannot move: refused with a reference-update plugin).
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ class ModelSpec:
     :param source: a local folder, an ``embedded:`` name, or ``"policy"`` (the policy's initial weights).
     :param state: ``trained`` (the policy), ``live`` (an engine runs every step), ``cached`` (its log-probs are
         computed once in a pre-pass; the engine is dropped afterwards).
-    :param shares: the model whose engine or cache this one is (the anchor sharing the reference's), or None.
+    :param shares: the model whose engine or cache this one is (the anchor sharing the reference's; under LoRA
+        ``policy``: the policy engine), or None.
     :param moves: a reference-update plugin changes it in place.
+    :param adapters: with ``shares == "policy"``, how the policy engine runs for it: ``off`` (the base model) or
+        ``reference`` (the frozen reference adapter in place of the policy's).
     """
 
     name: str
@@ -60,6 +66,12 @@ class ModelSpec:
     state: str
     shares: str | None = None
     moves: bool = False
+    adapters: str | None = None
+
+
+    def adapters_text(self) -> str:
+        """How a model that shares the policy's engine runs it, for the ``models built:`` line."""
+        return "policy with adapters off" if self.adapters == "off" else f"policy with its {self.adapters} adapter"
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class ModelPlan:
         parts = []
         for spec in self.models.values():
             how = spec.state if spec.shares is None else f"{spec.state}, shares {spec.shares}"
+            how += f", adapters {spec.adapters}" if spec.adapters else ""
             parts.append(f"{spec.name} ({spec.dtype}, {how}{', moved' if spec.moves else ''})")
         return ", ".join(parts)
 
@@ -124,14 +137,36 @@ def make_plan(cfg, plugins, paired_data: bool = True) -> ModelPlan:
     models = {"policy": ModelSpec("policy", POLICY_INITIAL, cfg.model.dtype, "trained")}
     if "reference" in required:
         state = "cached" if cache and not moving and "kl_pairs" not in inputs else "live"
-        models["reference"] = ModelSpec("reference", _source("reference", cfg, plugins),
-                                        "float32" if moving else cfg.model.dtype, state, moves=moving)
+        source = _source("reference", cfg, plugins)
+        models["reference"] = ModelSpec("reference", source, "float32" if moving else cfg.model.dtype, state, moves=moving)
+        if cfg.model.lora is not None:
+            models["reference"] = _lora_reference(models["reference"], cfg)
     if "anchor" in required:
         source, state = _source("anchor", cfg, plugins), "cached" if cache else "live"
         ref = models.get("reference")
         shares = "reference" if ref is not None and not ref.moves and ref.source == source and ref.state == state else None
         models["anchor"] = ModelSpec("anchor", source, cfg.model.dtype, state, shares)
+        if cfg.model.lora is not None and shares is None and state == "live" and source == POLICY_INITIAL:
+            models["anchor"] = ModelSpec("anchor", source, cfg.model.dtype, state, "policy", adapters="off")
     return ModelPlan(models, inputs)
+
+
+def _lora_reference(spec: ModelSpec, cfg) -> ModelSpec:
+    """The reference under ``model.lora``: the policy engine with adapters off, or its moved reference adapter;
+    a live reference from another model keeps an engine of its own (and cannot be moved)."""
+    if spec.moves and spec.source != POLICY_INITIAL:
+        from aligner.config import ConfigError
+
+        raise ConfigError(
+            f"model.reference_path ({spec.source}) is another model than the policy's, and a reference-update plugin "
+            f"moves the reference; under model.lora the moved reference is an adapter on the policy's base, so it "
+            f"must start as the policy: leave model.reference_path out, or drop the reference-update plugin"
+        )
+    if spec.moves:
+        return ModelSpec("reference", spec.source, cfg.model.dtype, "live", "policy", True, "reference")
+    if spec.state == "live" and spec.source == POLICY_INITIAL:
+        return ModelSpec("reference", spec.source, cfg.model.dtype, "live", "policy", adapters="off")
+    return spec
 
 
 def write_plan(plan: ModelPlan, built: dict[str, str], output_dir: str | Path, batch_path: dict | None = None) -> Path:

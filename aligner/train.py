@@ -173,12 +173,21 @@ def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
 def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> Engines:
     """The policy's training engine and an inference engine for each ``live`` model of the plan; a model that
     ``shares`` another's is that engine."""
+    from aligner.lora import REFERENCE_ADAPTER, PolicyView
+
     ds_conf = models.deepspeed_config(cfg)
-    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf)}
+    reference_adapter = any(spec.adapters == "reference" for spec in plan.frozen())
+    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter)}
     for spec in plan.with_state("live", own=False):
+        if spec.shares == "policy":  # under LoRA: the policy engine, its adapters off or switched (aligner/lora.py)
+            built[spec.name] = PolicyView(built["policy"], REFERENCE_ADAPTER if spec.adapters == "reference" else None)
+            continue
         if spec.shares:
             built[spec.name] = built[spec.shares]
             continue
+        if cfg.model.lora is not None and spec.source != POLICY_INITIAL and rank_and_world()[0] == 0:
+            log.info("model.lora: the %s (%s) is another model than the policy's base, so it gets an engine of its "
+                     "own (a second copy of the weights)", spec.name, spec.source)
         fp32 = spec.dtype == "float32"  # a moved reference (aligner/trust_region.py: bf16 loses small updates)
         built[spec.name] = models.build_frozen_engine(paths[spec.name], cfg, models.frozen_deepspeed_config(ds_conf, fp32=fp32),
                                                       fp32=fp32)
@@ -208,7 +217,7 @@ def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str,
         engine = getattr(engines, name)
         if engine is not None:
             holds, dtype = "engine", str(next(engine.module.parameters()).dtype).removeprefix("torch.")
-            shares = "reference" if name == "anchor" and engine is engines.reference else None
+            shares = "reference" if name == "anchor" and engine is engines.reference else getattr(engine, "shares", None)
         elif name in static:
             holds, dtype = "cache", None
             shares = "reference" if name == "anchor" and static.get("reference") is static[name] else None
@@ -224,7 +233,8 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
 
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
-            "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage}
+            "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage,
+            "lora": cfg.to_dict()["model"]["lora"]}
 
 
 def is_paired(*splits: list) -> bool:
@@ -311,9 +321,10 @@ class Recipe:
         built = what_was_built(self.plan, self.engines, static)  # collective-free: read from the objects
         if self.rank == 0:
             engines = [m for m in ("policy", "reference", "anchor") if getattr(self.engines, m) is not None]
-            shared = " (anchor = reference, one engine)" if built.get("anchor", {}).get("holds") == "engine" and \
-                built["anchor"]["shares"] else ""
-            log.info("models built: %s%s", ", ".join(engines), shared)
+            shared = [f"{m} = reference, one engine" if b["shares"] == "reference" else
+                      f"{m} = {self.plan.get(m).adapters_text()}, no engine of its own"
+                      for m, b in built.items() if b["holds"] == "engine" and b["shares"]]
+            log.info("models built: %s%s", ", ".join(engines), f" ({'; '.join(shared)})" if shared else "")
             log.info("model plan: %s", self.plan.describe())
             write_plan(self.plan, built, self.out, batch_path=self.path.to_dict())
 
@@ -330,7 +341,7 @@ class Recipe:
 
     def restore(self) -> int:
         """Load the checkpoint being resumed into the engines, the sampler, the plugins and the RNG; its step."""
-        state = checkpoint.load(self.policy, self.resume_from)
+        state = checkpoint.load(self.policy, self.resume_from, trainable_only=self.cfg.model.lora is not None)
         self.sampler.load_state_dict(state["sampler"])
         for name, plugin_state in state.get("plugins", {}).items():
             self.plugins.call_one(name, "aligner_load_state_dict", state=plugin_state)
@@ -455,7 +466,7 @@ class Recipe:
         client = {"step": step, "sampler": sampler_state or self.sampler.state_dict(), "plugins": states}
         checkpoint.save(self.policy, self.out, step, client, write_extra=lambda folder: plugins.call_each(
             "aligner_save_checkpoint", directory=folder, engines=self.engines, config=self.cfg),
-            meta=self.meta, keep_last=self.cfg.train.keep_last, rng=rng)
+            meta=self.meta, keep_last=self.cfg.train.keep_last, rng=rng, trainable_only=self.cfg.model.lora is not None)
         self.stopwatch.saved()
 
     def finish(self, step: int) -> dict[str, float]:
@@ -463,7 +474,14 @@ class Recipe:
         if step > self.start_step or not checkpoint.list_checkpoints(self.out):
             self.save(step)
         self.run_eval(step)
-        checkpoint.export_hf(self.policy, self.tokenizer, self.out / "final")
+        if self.cfg.model.lora is None:
+            checkpoint.export_hf(self.policy, self.tokenizer, self.out / "final")
+        else:
+            from aligner import lora_export
+
+            lora_export.export_adapter(self.policy, self.tokenizer, self.out / "final",
+                                       merged_from=self.paths["policy"] if self.cfg.export.merge_lora else None,
+                                       dtype=models.torch_dtype(self.cfg.model.dtype))
         if self.rank == 0:
             (self.out / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2, sort_keys=True))
         self.tb.close()

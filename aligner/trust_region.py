@@ -20,6 +20,11 @@ The moved reference is saved beside each checkpoint, one safetensors file per
 rank holding that rank's partitions (:func:`save_reference`), and restored on
 resume (:func:`load_reference`).
 
+Under ``model.lora`` the moved reference is the policy engine's frozen
+``reference`` adapter (aligner/plan.py): each function here then hands over to
+:mod:`aligner.lora_trust_region`, whose docstring has the update rule on the
+adapters' factors and what it approximates.
+
 These are the engine operations only; the ``tr_soft`` and ``tr_hard`` plugins
 (``plugins/reference_update.py``, their shared base) decide when to call them.
 """
@@ -36,6 +41,13 @@ from aligner.hookspecs import Engines
 
 class TrustRegionError(ValueError):
     """The engines or a saved reference do not fit a trust-region update; the message says what to do."""
+
+
+def _adapter_reference(engines: Engines) -> bool:
+    """Whether the reference is the policy engine's LoRA reference adapter (aligner/lora.py)."""
+    from aligner.lora import REFERENCE_ADAPTER
+
+    return getattr(engines.reference, "adapter", None) == REFERENCE_ADAPTER
 
 
 def _partitioned(param: torch.nn.Parameter) -> bool:
@@ -115,6 +127,10 @@ def mix_into_reference(engines: Engines, alpha: float) -> None:
     under ZeRO-3; under bf16 ZeRO stages 1–2 reading the fp32 master gathers it)."""
     if not 0.0 < alpha <= 1.0:
         raise TrustRegionError(f"alpha must be in (0, 1], got {alpha}")
+    if _adapter_reference(engines):
+        from aligner.lora_trust_region import mix_adapters
+
+        return mix_adapters(engines.policy, alpha)
     _check_offload(engines)
     for name, pol, ref in _named_pairs(engines):
         storage = _reference_storage(name, ref)
@@ -130,6 +146,11 @@ def relative_distance(engines: Engines) -> float:
     """‖θ_ref − θ‖ / ‖θ‖ over all parameters (fp32), from local storage; summed across ranks under ZeRO-3."""
     from deepspeed.accelerator import get_accelerator
 
+    if _adapter_reference(engines):  # LoRA: the numerator from the factors, over the base's norm ‖θ₀‖
+        from aligner.lora_trust_region import adapter_distance, base_norm_squared
+
+        diff, _ = adapter_distance(engines.policy)
+        return float(max(diff, 0.0) ** 0.5 / max(base_norm_squared(engines.policy), 1e-60) ** 0.5)
     sums = torch.zeros(2, dtype=torch.float64, device=get_accelerator().current_device_name())
     partitioned = False
     for name, pol, ref in _named_pairs(engines):
@@ -151,6 +172,10 @@ def save_reference(directory: Path, engines: Engines) -> Path:
     """Write this rank's reference storage (partitions under ZeRO-3) to ``directory/reference_rank<r>.safetensors``."""
     from safetensors.torch import save_file
 
+    if _adapter_reference(engines):
+        from aligner.lora_trust_region import save_adapter
+
+        return save_adapter(directory, engines.policy)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tensors = {name: _reference_storage(name, ref).detach().to("cpu", copy=True).contiguous()
                for name, _, ref in _named_pairs(engines)}
@@ -165,6 +190,10 @@ def load_reference(directory: Path, engines: Engines) -> Path:
     """Restore what :func:`save_reference` wrote into the reference engine; refuse a checkpoint that does not fit."""
     from safetensors import safe_open
 
+    if _adapter_reference(engines):
+        from aligner.lora_trust_region import load_adapter
+
+        return load_adapter(directory, engines.policy, TrustRegionError)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = reference_file(directory, rank)
     if not path.is_file():

@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sync-ref", action="store_true", help="TRL's sync_ref_model, every step")
     p.add_argument("--precompute-ref", action="store_true",
                    help="TRL's precompute_ref_log_probs (its fastest DPO setting; a pre-pass before step 1)")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA DPO through peft_config (all-linear, alpha 2r); 0 = full")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     return p.parse_args()
 
@@ -49,6 +50,15 @@ def deepspeed_config(bf16: bool) -> dict:
         "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
         "steps_per_print": 10**9, "wall_clock_breakdown": False,
     }
+
+
+def lora_config(r: int):
+    """TRL's LoRA DPO (``peft_config``): the reference is the policy with its adapters disabled, as in aligner."""
+    if not r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def main() -> None:
@@ -104,6 +114,7 @@ def main() -> None:
         train_dataset=load_dataset("json", data_files=args.data, split="train"),
         processing_class=AutoTokenizer.from_pretrained(args.model),
         callbacks=[Timer()],
+        peft_config=lora_config(args.lora_r),
     )
     init_s = time.perf_counter() - started
     trainer.train()

@@ -21,6 +21,10 @@ How: ``aligner.trust_region`` copies each rank's local ZeRO-3 partitions of the
 policy's fp32 master weights into the fp32 reference, with no all-gather; the
 moved reference is written into every checkpoint and restored on resume.
 
+Under ``model.lora`` the reference is the base plus a frozen reference adapter
+(rank R ≥ r): the update copies the policy's factors (B_r ← [B, 0],
+A_r ← [A; 0]), which is exact (``aligner/lora_trust_region.py``).
+
 Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
 (‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only: 0 at τ, 2τ, …).
 """

@@ -23,8 +23,28 @@ How: ``aligner.trust_region`` mixes each rank's local ZeRO-3 partitions, from
 the policy's fp32 master weights into an fp32 reference, with no all-gather;
 the moved reference is written into every checkpoint and restored on resume.
 
+Under ``model.lora`` the reference is the frozen base W₀ plus a reference
+adapter of rank R (``model.lora.reference_rank``, default 2r), on the policy's
+own engine; only the low-rank parts differ, so per adapted layer (scale s = α_lora/r)
+
+    θ_ref ← α·θ + (1 − α)·θ_ref   ⇔   s·B_r·A_r ← s·(α·B·A + (1 − α)·B_r·A_r)
+
+BA is not linear in (A, B): mixing A and B separately would be wrong. The
+mixture is exactly the stacked product [α·B, (1 − α)·B_r]·[A; A_r] of rank
+≤ r + R, which is recompressed to rank R by a QR of each stacked factor and an
+SVD of the small (r + R)² core (``aligner/lora_trust_region.py``). That is
+exact while the mixture's rank is ≤ R; past it, each update keeps the best
+rank-R approximation in the Frobenius norm (Eckart–Young): the singular values
+beyond the R-th are dropped, and that error compounds over updates while the
+exact reference's rank (up to r more per update) exceeds R.
+``benchmarks/lora_tr_error.py`` measures it against the exact dense mixture
+(``benchmarks/RESULTS.md``). Under ZeRO-3 the adapters are gathered (they are
+small), rank 0's result is broadcast, and the moved adapter is saved whole in
+every checkpoint and restored on resume.
+
 Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
-(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only).
+(‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only; under LoRA over the
+base's norm ‖θ₀‖, from the factors).
 """
 
 from __future__ import annotations
