@@ -46,6 +46,11 @@ class RssProbe:
         return set()
 
     @hookimpl
+    def aligner_constraint(self, inputs, config):
+        """No math: the probe adds no term to the loss (a constraint role's required hook, aligner/hookspecs.py)."""
+        return None
+
+    @hookimpl
     def aligner_after_optimizer_step(self, step, engines, config):
         """No math: a measurement. Peak RSS after step 1 (then reset), and of steps 2..N at the last step."""
         cuda = torch.cuda.is_available()

@@ -89,3 +89,18 @@ def test_call_each_runs_tryfirst_then_plugins_order_then_trylast():
     extra.order_calls.clear()
     called = [name for name, _ in active.call_each("aligner_constraint", inputs=None, config=None)]
     assert called == extra.order_calls == ["first_probe", "plain_a", "plain_b", "last_probe"]
+
+
+@pytest.mark.parametrize("target, name", [("rss_probe:probe", "rss_probe"), ("profile_plugin:profiler", "profiler")])
+def test_benchmark_measuring_plugins_activate_and_add_no_loss_term(monkeypatch, target, name):
+    """benchmarks/scale_cpu.py, scale_8b.sh, lora_8b.sh and profile_step.py load these by target: they must pass the
+    activation checks (a constraint's required hook) and add nothing to the loss."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    active = activate(["dpo", target])
+    assert active.names("constraint") == [name]
+    logps = SequenceLogps(chosen=torch.zeros(2), rejected=torch.zeros(2))
+    inputs = StepInputs(policy=logps, reference=logps, anchor=None, chosen_tokens=torch.ones(2),
+                        rejected_tokens=torch.ones(2), example_ids=["a", "b"])
+    assert [out for _, out in active.call_each("aligner_constraint", inputs=inputs, config=None)] == [None]
