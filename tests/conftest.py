@@ -60,8 +60,11 @@ def check_plan_against_estimate(out: Path, plugins: str | None = None, logs: str
     import io
     import json
 
+    from deepspeed.accelerator import get_accelerator
+
     from aligner import estimate
 
+    get_accelerator()  # DeepSpeed prints its accelerator choice to stdout once per process: not into the JSON below
     written = json.loads((out / "plan.json").read_text())
     args = ["--config", str(out / "config.json"), "--device", "cpu", "--json", *(["--plugins", plugins] if plugins else [])]
     printed = io.StringIO()

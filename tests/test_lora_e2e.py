@@ -28,15 +28,6 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _accelerator_chosen():
-    """DeepSpeed prints its accelerator choice to stdout once per process: make that happen before the in-process
-    estimator's JSON is captured (check_plan_against_estimate)."""
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator()
-
-
 @pytest.fixture(scope="module")
 def soft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-soft")
