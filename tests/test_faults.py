@@ -293,8 +293,12 @@ def test_ranks_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_on
     step = int(re.search(r"aligner: stopped after step (\d+)", text).group(1))
     assert 2 <= step < 400 and not (tmp_path / "out" / "final").exists(), text[-3000:]
     assert checkpoint.latest_checkpoint(tmp_path / "out").name == f"step_{step}"
-    for rank in (0, 1):
-        assert f"rank {rank}: {reason.format(pid=proc.pid)}; finishing this optimizer step" in text, text[-3000:]
+    # The ranks agree on the stop after each step: the rank that noticed first decides for both, so a fast step can
+    # stop the other rank before it polls its own parent. What must hold: a rank noticed, and the stop names it.
+    noticed = [r for r in (0, 1) if f"rank {r}: {reason.format(pid=proc.pid)}; finishing this optimizer step" in text]
+    assert noticed, text[-3000:]
+    stop_line = re.search(rf"aligner: stopped after step {step} \((.*)\); checkpoint", text).group(1)
+    assert f"rank {noticed[0]}: {reason.format(pid=proc.pid)}" in stop_line, stop_line
     assert "Traceback" not in text
 
 
