@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from aligner import attention
-from aligner.logps import logits_transform
+from aligner.logps import logits_transform, scoring_head_problem
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ def head_problem(model_config, trust_remote_code: bool = False) -> str | None:
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - an exotic class: the scoring head itself refuses it with the fix
         return None
-    head = model.get_output_embeddings()
-    return None if type(head) is torch.nn.Linear else f"its LM head is a {type(head).__name__}, not a plain Linear"
+    return scoring_head_problem(model)
 
 
 def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = None,

@@ -135,15 +135,23 @@ def logits_transform(model_config) -> str | None:
     return None
 
 
+def scoring_head_problem(hf_model) -> str | None:
+    """Why chunked scoring would be wrong for this HF model: its logits are changed after the LM head
+    (:func:`logits_transform`), or the head is not a plain ``Linear``; None when it can be scored chunked."""
+    problem = logits_transform(hf_model.config)
+    if problem:
+        return problem
+    head = hf_model.get_output_embeddings()
+    return None if type(head) is torch.nn.Linear else f"its LM head is a {type(head).__name__}, not a plain Linear"
+
+
 @contextmanager
 def _scoring_head(model, positions: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> Iterator[None]:
     """While active, the model's LM head maps hidden states (N, T, H) to the (M,) log-probs of ``targets``
     at the M flattened positions ``positions``, instead of (N, T, V) logits."""
     hf = getattr(model, "module", model)
-    problem = logits_transform(hf.config)
+    problem = scoring_head_problem(hf)
     head = hf.get_output_embeddings()
-    if problem is None and type(head) is not torch.nn.Linear:
-        problem = f"its LM head is a {type(head).__name__}, not a plain Linear"
     if problem:
         raise ConfigError(f"train.logps_chunk_tokens: this {type(hf).__name__} cannot be scored chunked ({problem}); "
                           f"set train.logps_chunk_tokens=0 for this model")

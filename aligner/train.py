@@ -271,8 +271,9 @@ class Recipe:
         self.tokenizer = models.run_tokenizer(cfg, self.paths["policy"])
         self.pad_id = self.tokenizer.pad_token_id
         self.meta = checkpoint_meta(cfg, self.plugins, self.world, self.paths["policy"])
-        if self.resume_from is not None:  # refuse a checkpoint of another run before building anything
-            checkpoint.check_compatible(self.resume_from, checkpoint.read_meta(self.resume_from), self.meta)
+        self.resume_meta = checkpoint.read_meta(self.resume_from) if self.resume_from is not None else None
+        if self.resume_meta is not None:  # refuse a checkpoint of another run before building anything
+            checkpoint.check_compatible(self.resume_from, self.resume_meta, self.meta)
         self.setup_data()
         self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
         self.path = batch_path.decide_for_run(cfg, self.paths["policy"], is_paired(self.train_set, self.eval_set),
@@ -334,7 +335,7 @@ class Recipe:
         cfg = self.cfg
         if cfg.train.on_nonfinite == "skip":
             return self.train_set
-        done = int(checkpoint.read_meta(self.resume_from)["step"]) if self.resume_from is not None else 0
+        done = int(self.resume_meta["step"]) if self.resume_meta is not None else 0
         accum = cfg.train.grad_accum
         needed = self.sampler.examples_of(done * accum, max(0, cfg.train.max_steps - done) * accum)
         return [self.train_set[i] for i in sorted(needed)]
