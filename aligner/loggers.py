@@ -13,6 +13,7 @@ Everything here runs on rank 0; on the other ranks a :class:`Loggers` holds no l
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -49,7 +50,12 @@ class Loggers:
                     f"{name} from report_to (now {', '.join(self.plugins.loggers)})"
                 ) from None
             if kept is not None:
-                self.kept[name] = dict(kept)
+                try:
+                    self.kept[name] = json.loads(json.dumps(dict(kept)))
+                except (TypeError, ValueError) as exc:
+                    self.close("failed")
+                    raise LoggerError(f"logger '{name}': aligner_logger_start must return a small JSON-serialisable "
+                                      f"dict (it goes into every checkpoint's marker), got {kept!r}: {exc}") from None
 
     def states(self) -> dict[str, dict]:
         """Logger name -> what it asked to keep across a resume (for the checkpoint's marker)."""
