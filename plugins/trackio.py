@@ -1,6 +1,6 @@
 """Trackio: ``report_to: [tensorboard, trackio]`` logs the run to Trackio (``pip install 'aligner[trackio]'``).
 
-Trackio is local-first: runs go to a SQLite store under ``TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``),
+Trackio is local-first: runs go to a SQLite store under ``TRACKIO_DIR`` (default ``$HF_HOME/trackio``),
 shown by ``trackio show``, or to a Hugging Face Space with ``trackio.space_id``. The library is imported when
 the run starts, never by a run that does not choose this logger. What Trackio gets, on rank 0:
 

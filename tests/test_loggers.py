@@ -91,7 +91,8 @@ def start(loggers: list[str], tmp_path, *sets: str) -> tuple[Loggers, object]:
 
 @pytest.mark.parametrize("name, module", [("wandb", "wandb"), ("mlflow", "mlflow"), ("trackio", "trackio")])
 def test_a_chosen_logger_whose_library_is_missing_is_refused_with_the_pip_line(name, module, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)  # Python's own "not installed": import raises ImportError
+    for loaded in [m for m in sys.modules if m == module or m.startswith(f"{module}.")] or [module]:
+        monkeypatch.setitem(sys.modules, loaded, None)  # Python's own "not installed": import raises ImportError
     loggers, run = start(["tensorboard", name], tmp_path)
     with pytest.raises(LoggerError, match=rf"logger '{name}' could not start: ImportError: .*; install it with: pip "
                                           rf"install 'aligner\[{name}\]'. Fix that, or remove {name} from report_to "
@@ -136,3 +137,9 @@ def test_ranks_other_than_zero_hold_no_logger(tmp_path):
     loggers.log(1, {"train/loss": 1.0})
     loggers.close("finished")
     assert loggers.active == [] and not (tmp_path / "tensorboard").exists()
+
+
+def test_a_logger_without_aligner_log_is_refused_when_activated():
+    with pytest.raises(PluginError, match=r"plugin 'plugin_fixtures.flaky_logger:no_log_hook' has role logger but no "
+                                          r"aligner_log hook; a logger plugin must implement aligner_log"):
+        activate(["dpo"], ["plugin_fixtures.flaky_logger:no_log_hook"])

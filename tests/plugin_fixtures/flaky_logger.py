@@ -42,3 +42,14 @@ class Flaky:
 
 
 flaky = Flaky()
+
+
+class LoggerWithoutHook:
+    """Declares the logger role but has no aligner_log: refused when activated."""
+
+    @hookimpl
+    def aligner_plugin_info(self):
+        return PluginInfo(name="no_log_hook", role="logger", summary="declares the logger role only")
+
+
+no_log_hook = LoggerWithoutHook()
