@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,6 @@ class CardFacts:
     citations: dict[str, list[Citation]]
     repo: str | None = None
     lora: bool = False
-    extra_tags: list[str] = field(default_factory=list)
 
 
 def hub_ids(spec: Any) -> list[str]:
@@ -188,7 +187,7 @@ def _fmt(value: Any) -> str:
 
 def body(facts: CardFacts, kind: str) -> str:
     """The card's text for ``kind``: ``full`` (all weights), ``adapter`` (a PEFT adapter) or ``merged``."""
-    methods = " + ".join(p["name"] for p in facts.plugins if p["role"] != "logger")
+    methods = " + ".join(p["name"] for p in facts.plugins)
     what = {"full": "all weights", "adapter": "a LoRA adapter (PEFT)", "merged": "the LoRA adapter merged into the base"}[kind]
     lines = [f"# {facts.title}", "",
              f"Trained from `{facts.base_source}` with aligner ({methods}); "

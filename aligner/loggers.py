@@ -31,13 +31,15 @@ class Loggers:
     """The active loggers of a run on this rank (none but on rank 0), each called on its own."""
 
     def __init__(self, plugins: ActivePlugins, config: Any, rank: int) -> None:
-        self.plugins, self.config = plugins, config
+        self.plugins, self.config, self.rank = plugins, config, rank
         self.active: list[str] = plugins.loggers if rank == 0 else []
         self.kept: dict[str, dict] = {}
         self.closed = False
 
     def start(self, run: RunStart, resumed: dict[str, dict] | None = None) -> None:
-        """Open every logger's run; ``resumed``: each logger's kept state from the checkpoint being resumed."""
+        """Open every logger's run; ``resumed``: each logger's kept state from the checkpoint being resumed (kept
+        on for a logger this run does not report to, so that a later resume with it continues its run)."""
+        self.kept = dict(resumed or {}) if self.rank == 0 else {}
         for name in self.active:
             start = RunStart(**{**run.__dict__, "resumed": (resumed or {}).get(name)})
             try:

@@ -143,3 +143,10 @@ def test_a_logger_without_aligner_log_is_refused_when_activated():
     with pytest.raises(PluginError, match=r"plugin 'plugin_fixtures.flaky_logger:no_log_hook' has role logger but no "
                                           r"aligner_log hook; a logger plugin must implement aligner_log"):
         activate(["dpo"], ["plugin_fixtures.flaky_logger:no_log_hook"])
+
+
+def test_a_resume_without_a_logger_keeps_its_run_id_for_a_later_resume_with_it(tmp_path):
+    loggers, run = start(["tensorboard"], tmp_path)
+    loggers.start(run, resumed={"wandb": {"run_id": "abc123"}})
+    loggers.close("finished")
+    assert loggers.states() == {"wandb": {"run_id": "abc123"}}
