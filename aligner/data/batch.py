@@ -78,6 +78,23 @@ class Batch(ABC):
     def real_tokens(self) -> int:
         """Tokens that are not padding."""
 
+    @property
+    def work_share(self) -> float:
+        """The share of this batch's forward and backward work that this rank does (for FLOP counts): all of it,
+        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        return 1.0
+
+    def whole_sequences(self, summed: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence sums of the tokens this rank scored, (N,) each -> the whole sequences' sums: as they are,
+        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        return summed, counts
+
+    def extended(self, n_pad: int, pad_token_id: int) -> Batch:
+        """The same batch with ``n_pad`` padding tokens appended to its row's last sequence (never scored; they
+        attend only to what precedes them, so no real token's result changes), for row lengths a multiple of
+        the sequence-parallel size (aligner/sequence_parallel.py). One-row (packed) batches only."""
+        raise TypeError(f"a {type(self).__name__} has no single row to extend")
+
 
 @dataclass(kw_only=True)
 class PaddedBatch(Batch):
@@ -132,6 +149,25 @@ class PackedBatch(Batch):
 
     def real_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    def extended(self, n_pad: int, pad_token_id: int) -> PackedBatch:
+        if n_pad == 0:
+            return self
+        row = _extend_row(self, n_pad, pad_token_id)
+        cu = self.cu_seqlens.clone()
+        cu[-1] += n_pad
+        last = self.sequence_ids[:, -1:].expand(1, n_pad)
+        return replace(self, **row, sequence_ids=torch.cat([self.sequence_ids, last], 1), cu_seqlens=cu,
+                       max_seqlen=int(cu.diff().max()))
+
+
+def _extend_row(batch: Batch, n_pad: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``position_ids`` (continuing the last sequence's) and ``response_mask`` (False) of a one-row
+    batch with ``n_pad`` tokens appended."""
+    pos = batch.position_ids[:, -1:] + torch.arange(1, n_pad + 1)  # (1, n_pad)
+    return {"input_ids": torch.cat([batch.input_ids, batch.input_ids.new_full((1, n_pad), pad_token_id)], 1),
+            "position_ids": torch.cat([batch.position_ids, pos], 1),
+            "response_mask": torch.cat([batch.response_mask, batch.response_mask.new_zeros((1, n_pad))], 1)}
 
 
 @dataclass(kw_only=True)
@@ -191,3 +227,16 @@ class PrefixSharedBatch(Batch):
 
     def real_tokens(self) -> int:
         return int(self.input_ids.numel() + self.prompt_lengths.sum())
+
+    def extended(self, n_pad: int, pad_token_id: int) -> PrefixSharedBatch:
+        """The padding joins the last (rejected) segment as queries and as keys."""
+        if n_pad == 0:
+            return self
+        length, n_keys = self.input_ids.shape[1], len(self.kv_index)
+        cu, kv_cu = self.cu_seqlens.clone(), self.kv_cu_seqlens.clone()
+        cu[-1] += n_pad
+        kv_cu[-1] += n_pad
+        return replace(self, **_extend_row(self, n_pad, pad_token_id), cu_seqlens=cu, max_seqlen=int(cu.diff().max()),
+                       kv_index=torch.cat([self.kv_index, torch.arange(length, length + n_pad)]), kv_cu_seqlens=kv_cu,
+                       max_kv_seqlen=int(kv_cu.diff().max()),
+                       q_keep=torch.cat([self.q_keep, torch.arange(n_keys, n_keys + n_pad)]))
