@@ -99,16 +99,50 @@ class Layout:
 _ACTIVE: tuple[Layout, str] | None = None  # the registered layout and core attention (one per process)
 
 
-def layout_for(size: int, rank: int, world: int) -> Layout:
-    """The layout of ``rank`` of ``world`` with ``train.sequence_parallel: size``; refuses a size that does not
-    divide the world."""
+def layout_for(cfg, rank: int, world: int) -> Layout:
+    """The layout of ``rank`` of ``world`` under ``cfg.train.sequence_parallel``; refuses, from the config alone,
+    what the run could never shard (:func:`check_config`). Every rank decides alike."""
+    size = cfg.train.sequence_parallel
+    check_config(cfg, world)
+    return Layout(size, rank % size, rank // size, world // size)
+
+
+def check_config(cfg, world: int) -> None:
+    """Refuse from the config alone: N not dividing the world, a ZeRO setup whose gradient average differs from
+    the one this module scales for, padded batches asked for, an attention implementation named that
+    DeepSpeed's wrapper cannot run, generation (``eval.reward_model``)."""
+    size = cfg.train.sequence_parallel
+    if size == 1:
+        return
+    key = f"train.sequence_parallel={size}"
     if world % size:
         divisors = [n for n in range(1, world + 1) if world % n == 0]
         raise ConfigError(
             f"train.sequence_parallel={size} does not divide the number of ranks ({world}): each sequence is shared "
             f"by {size} ranks, so the ranks must form whole groups of {size}. Set train.sequence_parallel to one of "
             f"{divisors}, or launch a multiple of {size} ranks")
-    return Layout(size, rank % size, rank // size, world // size)
+    zero = models.deepspeed_config(cfg)["zero_optimization"]
+    if zero.get("stage") != 3 or not zero.get("reduce_scatter", True):
+        raise ConfigError(
+            f"{key}: sequence parallelism runs under ZeRO-3 with reduce-scatter (DeepSpeed's defaults), got "
+            f"zero_optimization stage {zero.get('stage')}, reduce_scatter {zero.get('reduce_scatter', True)}: "
+            f"DeepSpeed 0.19.8 averages the gradients over world/N ranks in ZeRO stages 0-2 and without "
+            f"reduce-scatter, but over all ranks in ZeRO-3's reduce-scatter, and aligner's gradients are exact for "
+            f"the latter. Set train.zero_stage=3 (and leave reduce_scatter on in train.deepspeed_config)")
+    if not cfg.train.packing:
+        raise ConfigError(f"{key}: sequence parallelism shards one packed row, and train.packing=false asks for "
+                          f"padded batches; set train.packing=true, or train.sequence_parallel=1")
+    if cfg.model.attn_implementation not in ("auto", "varlen", *WRAPPABLE):
+        raise ConfigError(
+            f"{key}: model.attn_implementation={cfg.model.attn_implementation} cannot run under DeepSpeed's Ulysses "
+            f"attention: the wrapper drops the attention mask, so 'sdpa' would attend across the packed sequences, "
+            f"and DeepSpeed refuses 'eager'. Set model.attn_implementation=auto or varlen (or flash_attention_2 "
+            f"on a GPU with flash-attn)")
+    if cfg.eval.reward_model:
+        raise ConfigError(
+            f"{key}: eval.reward_model judges greedy generations, and generation with a KV cache cannot run on a "
+            f"row split {size} ways; leave eval.reward_model unset (judge the exported model with launch/eval.py), "
+            f"or set train.sequence_parallel=1")
 
 
 def current() -> Layout:
@@ -135,7 +169,8 @@ def head_problem(size: int, model_config) -> str | None:
 
 
 def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
-    """Refuse, before any engine is built, a run that ``train.sequence_parallel > 1`` cannot shard exactly.
+    """Refuse, before any engine is built, a run that ``train.sequence_parallel > 1`` cannot shard exactly, once
+    its model, data and batch path are known (:func:`check_config` has run).
 
     :param path: the run's decided :class:`aligner.batch_path.BatchPath`.
     """
@@ -151,30 +186,14 @@ def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
             f"{key}: unpaired data and KTO's mismatched pairs (kl_pairs) are padded batches, one row per completion, "
             f"and sequence parallelism shards one packed row of preference pairs; train KTO without sequence "
             f"parallelism (train.sequence_parallel=1), or use a paired loss")
-    if not path.packing:
-        why = "; ".join(path.fallbacks) or "train.packing=false"
+    if not path.packing:  # packing was asked for (check_config), but this machine cannot run it
         raise ConfigError(
-            f"{key}: sequence parallelism shards one packed row, but this run's batches are padded ({why}); "
-            f"set train.packing=true, or train.sequence_parallel=1")
+            f"{key}: sequence parallelism shards one packed row, but this run's batches fall back to padded "
+            f"({'; '.join(path.fallbacks)}); set train.sequence_parallel=1 here")
     if path.attn_implementation not in WRAPPABLE:
-        raise ConfigError(
-            f"{key}: model.attn_implementation={cfg.model.attn_implementation} cannot run under DeepSpeed's Ulysses "
-            f"attention: the wrapper drops the attention mask, so 'sdpa' would attend across the packed sequences, "
-            f"and DeepSpeed refuses 'eager'. Set model.attn_implementation=auto or varlen (or flash_attention_2 "
-            f"on a GPU with flash-attn)")
-    zero = models.deepspeed_config(cfg)["zero_optimization"]
-    if zero.get("stage") != 3 or not zero.get("reduce_scatter", True):
-        raise ConfigError(
-            f"{key}: sequence parallelism runs under ZeRO-3 with reduce-scatter (DeepSpeed's defaults), got "
-            f"zero_optimization stage {zero.get('stage')}, reduce_scatter {zero.get('reduce_scatter', True)}: "
-            f"DeepSpeed 0.19.8 averages the gradients over world/N ranks in ZeRO stages 0-2 and without "
-            f"reduce-scatter, but over all ranks in ZeRO-3's reduce-scatter, and aligner's gradients are exact for "
-            f"the latter. Set train.zero_stage=3 (and leave reduce_scatter on in train.deepspeed_config)")
-    if cfg.eval.reward_model:
-        raise ConfigError(
-            f"{key}: eval.reward_model judges greedy generations, and generation with a KV cache cannot run on a "
-            f"row split {n} ways; leave eval.reward_model unset (judge the exported model with launch/eval.py), or "
-            f"set train.sequence_parallel=1")
+        raise ConfigError(f"{key}: attention {path.attn_implementation} (model.attn_implementation="
+                          f"{cfg.model.attn_implementation}) cannot run a packed row under DeepSpeed's Ulysses "
+                          f"attention; set model.attn_implementation=auto or varlen")
 
 
 def register(layout: Layout, attn_implementation: str, model_config) -> Layout:

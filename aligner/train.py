@@ -264,7 +264,7 @@ class Recipe:
         launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
         models.init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = rank_and_world()
-        self.layout = sequence_parallel.layout_for(cfg.train.sequence_parallel, self.rank, self.world)
+        self.layout = sequence_parallel.layout_for(cfg, self.rank, self.world)  # refuses what cannot be sharded
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
