@@ -153,11 +153,9 @@ def current() -> Layout:
     return Layout(1, 0, rank, world)
 
 
-def head_problem(size: int, model_config) -> str | None:
-    """Why DeepSpeed's Ulysses cannot split this model's heads ``size`` ways, or None."""
-    text = model_config.get_text_config()
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
+def head_problem(size: int, heads: int, kv: int) -> str | None:
+    """Why DeepSpeed's Ulysses cannot split a model's ``heads`` query and ``kv`` key/value heads ``size`` ways,
+    or None."""
     fits = [n for n in range(1, heads + 1) if heads % n == 0 and (kv % n == 0 or n % kv == 0)]
     if heads % size:
         return (f"the model has {heads} attention heads and Ulysses gives each of the {size} ranks of a sequence "
@@ -178,7 +176,9 @@ def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
     if n == 1:
         return
     key = f"train.sequence_parallel={n}"
-    problem = head_problem(n, model_config)
+    text = model_config.get_text_config()
+    problem = head_problem(n, text.num_attention_heads, getattr(text, "num_key_value_heads", None) or
+                           text.num_attention_heads)
     if problem:
         raise ConfigError(f"{key}: {problem}")
     if not paired or kl_pairs:
