@@ -80,7 +80,9 @@ BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 #: Hub IDs whose shape is built in, so that an estimate needs neither network nor cache.
-HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b"}
+#: Llama-3.1-8B has Llama-3-8B's shapes (only its RoPE scaling and context length differ, which memory does not read).
+HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+              "meta-llama/Llama-3.1-8B-Instruct": "llama3-8b", "meta-llama/Llama-3.1-8B": "llama3-8b"}
 
 # DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py), used when the DeepSpeed config leaves them unset.
 DS_DEFAULTS = {
@@ -513,7 +515,7 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     out = [f"model: {s.num_params() / 1e9:.3f}B params ({s.num_layers} layers, hidden {s.hidden_size}, "
            f"vocab {s.vocab_size}); {est.ranks} ranks ({est.gpus_per_node} per node), device {est.device}"
            + (f"; sequence parallel: {est.sequence_parallel} ranks per sequence, {est.ranks // est.sequence_parallel} "
-              f"data-parallel groups" if est.sequence_parallel > 1 else "")
+              f"data-parallel group{'s' if est.ranks > est.sequence_parallel else ''}" if est.sequence_parallel > 1 else "")
            + (f"; LoRA: {est.trainable:,} trainable params" if est.trainable != s.num_params() else "")]
     frozen = ", ".join(f"{f.role} ({f.dtype}{', cached' if f.cached else ''})" for f in est.frozen) or "none"
     out.append(f"frozen models the plugins build: {frozen}")

@@ -124,7 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where the model, data and runs go (default: a temporary folder, removed after)")
     p.add_argument("--write", help="a RESULTS.md to write the table into (between the sp_memory markers)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--rows-from", help="a log of this script (its JSON rows): print and write the table again, with "
+                   "the current estimator's predictions, without measuring")
     args = p.parse_args(argv)
+    if args.rows_from:
+        rows = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.startswith("{")]
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="sp-memory-"))
+        from workload import CPU, ensure
+
+        model = ensure(CPU, work / "yardstick") / "model"
+        for row in rows:
+            config = work / f"sp{row['sp']}-{row['length']}.yaml"
+            write_config(config, model, work / f"pairs-{row['length']}.jsonl", row["length"], row["sp"])
+            row["predicted_gib"] = predict(config, 2, "cpu")
+        body = table(rows, args.cap_gib, rows[0].get("load", "see the log"))
+        print(body)
+        if args.write:
+            write_section(Path(args.write), "sp_memory", f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from workload import CPU, ensure
 
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"length": length, "sp": sp, "predicted_gib": predict(config, 2, "cpu"),
                        **measure(config, 2, work / "run", args.timeout)}
                 loads.append(os.getloadavg()[0])
+                row["load"] = f"{min(loads):.1f}–{max(loads):.1f}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 body = table(rows, args.cap_gib, f"{min(loads):.1f}–{max(loads):.1f}")
