@@ -334,6 +334,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
+    cfg = resolved(cfg, device)
     ranks = gpus_per_node * nodes
     from aligner.sequence_parallel import check_config, head_problem
 
@@ -352,6 +353,16 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     _policy_forward(est, cfg)
     _frozen_models(est, cfg, zero, frozen_shapes or {})
     return est
+
+
+def resolved(cfg, device: str):
+    """``cfg`` with ``model.dtype: auto`` resolved as a run on ``device`` resolves it (aligner/batch_path.py)."""
+    import dataclasses
+
+    from aligner.batch_path import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, cuda=device == "gpu")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
 
 
 def _shards(zero: dict[str, Any], ranks: int) -> tuple[int, int, int]:
@@ -567,6 +578,7 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
     if not Path(args.config).is_file():
         raise EstimateError(f"--config {args.config}: no such file; pass the path of the run's YAML config (see configs/)")
     cfg, plugins = configure(ns)
+    cfg = resolved(cfg, args.device)
     shape, _ = load_shape(args.model_config, cfg.model.name_or_path)
     paired = data_is_paired(cfg)
     plan = make_plan(cfg, plugins, paired_data=paired is not False)

@@ -240,6 +240,13 @@ def setup(cfg, path, policy_path, layout: Layout, paired: bool, kl_pairs: bool) 
     return register(layout, path.attn_implementation, model_config)
 
 
+def local_heads(heads: int, kv_heads: int, size: int) -> tuple[int, int]:
+    """The query and key/value heads each rank's core attention runs under Ulysses with ``size`` ranks:
+    DeepSpeed gives each rank heads/N query heads, and kv/N key/value heads, or one replicated head when N is a
+    multiple of kv (``UlyssesSPAttentionHF.__init__``)."""
+    return heads // size, max(kv_heads // size, 1)
+
+
 def data_parallel() -> tuple[int, int]:
     """(this rank's data-parallel group, the number of groups): what data is sharded over."""
     layout = current()
@@ -266,9 +273,16 @@ class _SumOverShards(torch.autograd.Function):
 class ShardedBatch(Batch):
     """One rank's contiguous part of a packed row: ``input_ids``, ``position_ids`` and ``response_mask`` are
     (1, L/N), the slice [start, start + L/N) of ``whole`` (the row padded to a multiple of N), whose attention
-    kwargs the model gets unchanged. ``source`` is the batch before padding (what the row holds for real)."""
+    kwargs the model gets unchanged. ``source`` is the batch before padding (what the row holds for real).
+    ``positions``/``targets``/``owner`` (M_r,) are the part of the whole row's scoring list whose logit position
+    is this rank's, positions made local; ``whole_counts`` (N_seq,) the whole sequences' scored tokens. Both are
+    built on the host, so a forward needs no host sync to find them."""
 
     position_ids: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    whole_counts: torch.Tensor
     whole: Batch
     source: Batch
     start: int
@@ -287,13 +301,10 @@ class ShardedBatch(Batch):
         return {**self.whole.model_inputs(model), "input_ids": self.input_ids, "position_ids": self.position_ids}
 
     def score_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole row's scoring list, kept where the logit position is this rank's, positions made local."""
-        positions, targets, owner = self.whole.score_index()
-        mine = (positions >= self.start) & (positions < self.start + self.input_ids.shape[1])
-        return positions[mine] - self.start, targets[mine], owner[mine]
+        return self.positions, self.targets, self.owner
 
     def token_owner(self) -> torch.Tensor:
-        return self.score_index()[2]
+        return self.owner
 
     def sequence_lengths(self) -> torch.Tensor:
         return self.source.sequence_lengths()
@@ -309,9 +320,7 @@ class ShardedBatch(Batch):
         return 1.0 / self.layout.size
 
     def whole_sequences(self, summed: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = self.whole.score_index()[2].to(counts.device)
-        whole_counts = torch.zeros_like(counts).index_add(0, owner, torch.ones_like(owner))
-        return _SumOverShards.apply(summed, self.layout.group), whole_counts
+        return _SumOverShards.apply(summed, self.layout.group), self.whole_counts.to(counts.device)
 
 
 def shard(batch: Batch, layout: Layout, pad_token_id: int) -> ShardedBatch:
@@ -324,10 +333,14 @@ def shard(batch: Batch, layout: Layout, pad_token_id: int) -> ShardedBatch:
     width = whole.input_ids.shape[1] // layout.size
     start = layout.rank * width
     part = slice(start, start + width)
+    positions, targets, owner = whole.score_index()  # (M,) each, over the whole row
+    mine = (positions >= start) & (positions < start + width)
+    counts = torch.zeros(batch.n_sequences, dtype=torch.long).index_add(0, owner, torch.ones_like(owner))
     return ShardedBatch(input_ids=whole.input_ids[:, part], position_ids=whole.position_ids[:, part],
-                        response_mask=whole.response_mask[:, part], ids=batch.ids, n_chosen=batch.n_chosen,
-                        row_index=batch.row_index, paired=batch.paired, whole=whole, source=batch, start=start,
-                        layout=layout)
+                        response_mask=whole.response_mask[:, part], positions=positions[mine] - start,
+                        targets=targets[mine], owner=owner[mine], whole_counts=counts, ids=batch.ids,
+                        n_chosen=batch.n_chosen, row_index=batch.row_index, paired=batch.paired, whole=whole,
+                        source=batch, start=start, layout=layout)
 
 
 def shard_collate(collate: Callable[[list], Batch], pad_token_id: int,

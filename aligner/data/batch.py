@@ -181,8 +181,8 @@ class PrefixSharedBatch(Batch):
     - Attention, per pair, two query segments (``cu_seqlens`` (2B+1,) int32, row bounds): [prompt, chosen] attends
       causally to itself; [rejected] attends to [prompt K/V; rejected K/V], causal aligned bottom-right, never to
       chosen. ``kv_index`` (Lk,) lists each segment's key tokens (row positions) back to back, bounds
-      ``kv_cu_seqlens`` (2B+1,); ``q_keep`` (L,) is each row token's place in that gathered layout (the equal-length
-      form GPU varlen kernels use, :mod:`aligner.attention`).
+      ``kv_cu_seqlens`` (2B+1,). Every kernel takes the R rejected queries against their P + R keys as they are
+      (:mod:`aligner.attention`).
     - Scoring (``positions``, ``targets``, ``owner``, each (M,)): the first rejected token is predicted by the LAST
       PROMPT token's logits, the same position that predicts the first chosen token, so scoring is an explicit
       list rather than ``response_mask[:, 1:]``. Owners are 0..B-1 (chosen), B..2B-1 (rejected).
@@ -197,7 +197,6 @@ class PrefixSharedBatch(Batch):
     kv_index: torch.Tensor
     kv_cu_seqlens: torch.Tensor
     max_kv_seqlen: int
-    q_keep: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
     owner: torch.Tensor
@@ -232,11 +231,10 @@ class PrefixSharedBatch(Batch):
         """The padding joins the last (rejected) segment as queries and as keys."""
         if n_pad == 0:
             return self
-        length, n_keys = self.input_ids.shape[1], len(self.kv_index)
+        length = self.input_ids.shape[1]
         cu, kv_cu = self.cu_seqlens.clone(), self.kv_cu_seqlens.clone()
         cu[-1] += n_pad
         kv_cu[-1] += n_pad
         return replace(self, **_extend_row(self, n_pad, pad_token_id), cu_seqlens=cu, max_seqlen=int(cu.diff().max()),
                        kv_index=torch.cat([self.kv_index, torch.arange(length, length + n_pad)]), kv_cu_seqlens=kv_cu,
-                       max_kv_seqlen=int(kv_cu.diff().max()),
-                       q_keep=torch.cat([self.q_keep, torch.arange(n_keys, n_keys + n_pad)]))
+                       max_kv_seqlen=int(kv_cu.diff().max()))
