@@ -16,6 +16,11 @@ tokens summed over ranks per second of the slowest rank) averaged over steps 2..
     python benchmarks/sp_memory.py --lengths 1024,2048,4096 --cap-gib 1.5 --write benchmarks/RESULTS.md
 
 Under ``nice``, on the shared 2-core machine: a few minutes per length at 4096 and above.
+
+On 2 GPUs (``--device cuda``): the ``CUDA`` workload's model (Llama-3.2-1B shapes, ``model.dtype: auto``, i.e.
+bf16), NCCL, and the peak of torch's allocated GPU memory per rank beside ``aligner-estimate`` (GPU):
+
+    python benchmarks/sp_memory.py --device cuda --lengths 4096,16384 --cap-gib 60
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ from aligner.launcher import deepspeed_command  # noqa: E402
 STEPS = 3
 
 
-def write_data(path: Path, length: int, pairs: int, seed: int = 7) -> None:
+def write_data(path: Path, length: int, pairs: int, spec, seed: int = 7) -> None:
     """``pairs`` rows whose prompt + chosen and prompt + rejected are each exactly ``length`` tokens (one word, one
-    token; the EOS ends each response), words from the workload's vocabulary."""
+    token; the EOS ends each response), words from the workload ``spec``'s vocabulary."""
     import random
 
-    from workload import CPU, SPECIALS, _words
+    from workload import SPECIALS, _words
 
-    words = _words(CPU.vocab - len(SPECIALS), random.Random(CPU.seed))
+    words = _words(spec.vocab - len(SPECIALS), random.Random(spec.seed))
     rng = random.Random(seed)
     prompt, response = length // 2, length - length // 2
 
@@ -75,7 +80,7 @@ def predict(config: Path, ranks: int, device: str) -> float:
     return est.peak / estimate.GIB
 
 
-def measure(config: Path, ranks: int, out: Path, timeout: int) -> dict:
+def measure(config: Path, ranks: int, out: Path, timeout: int, device: str = "cpu") -> dict:
     from aligner.report import read_scalars
 
     shutil.rmtree(out, ignore_errors=True)
@@ -90,15 +95,17 @@ def measure(config: Path, ranks: int, out: Path, timeout: int) -> dict:
     records = [json.loads((out / f"rss_rank{r}.json").read_text()) for r in range(ranks)]
     scalars = read_scalars(out / "tensorboard")
     tok_s = [v for s, v in scalars["perf/tokens_per_s"] if s >= 2]
-    row = {"peak_gib": max(r["steps_gib"] for r in records), "ranks_gib": [round(r["steps_gib"], 3) for r in records],
+    key = "gpu_steps_gib" if device == "cuda" else "steps_gib"  # torch's allocated GPU memory, or the RSS
+    row = {"peak_gib": max(r[key] for r in records), "ranks_gib": [round(r[key], 3) for r in records],
            "tok_s": sum(tok_s) / len(tok_s), "step_s": max(r["step_s"] for r in records),
            "loss1": scalars["train/loss"][0][1], "wall_s": time.time() - started}
     shutil.rmtree(out, ignore_errors=True)
     return row
 
 
-def table(rows: list[dict], cap: float, load: str) -> str:
-    lines = ["| pair (tokens per sequence) | row tokens | SP | pairs/step | peak RSS per rank (GiB) | aligner-estimate "
+def table(rows: list[dict], cap: float, load: str, device: str = "cpu") -> str:
+    what = "peak GPU memory allocated per rank" if device == "cuda" else "peak RSS per rank"
+    lines = [f"| pair (tokens per sequence) | row tokens | SP | pairs/step | {what} (GiB) | aligner-estimate "
              "(GiB) | error | real tok/s | s/step | step-1 loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = 100 * (r["predicted_gib"] - r["peak_gib"]) / r["peak_gib"]
@@ -110,7 +117,8 @@ def table(rows: list[dict], cap: float, load: str) -> str:
         fits = [r["length"] for r in rows if r["sp"] == sp and r["peak_gib"] <= cap]
         longest[sp] = max(fits) if fits else None
     text = "\n".join(lines)
-    text += (f"\n\nLongest pair under a {cap:g} GiB RSS cap per rank (of the lengths measured): "
+    text += (f"\n\nLongest pair under a {cap:g} GiB {'GPU memory' if device == 'cuda' else 'RSS'} cap per rank (of "
+             f"the lengths measured): "
              + ", ".join(f"SP={sp}: {f'{v} tokens per sequence' if v else 'none'}" for sp, v in longest.items())
              + f". Load average during the sweep: {load}.")
     return text
@@ -124,47 +132,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where the model, data and runs go (default: a temporary folder, removed after)")
     p.add_argument("--write", help="a RESULTS.md to write the table into (between the sp_memory markers)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the CPU yardstick's model on gloo; cuda: Llama-3.2-1B shapes on 2 GPUs (NCCL)")
     p.add_argument("--rows-from", help="a log of this script (its JSON rows): print and write the table again, with "
                    "the current estimator's predictions, without measuring")
     args = p.parse_args(argv)
     if args.rows_from:
         rows = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.startswith("{")]
         work = Path(args.workdir or tempfile.mkdtemp(prefix="sp-memory-"))
-        from workload import CPU, ensure
+        from workload import CPU, CUDA, ensure
 
-        model = ensure(CPU, work / "yardstick") / "model"
+        spec = CUDA if args.device == "cuda" else CPU
+        model = ensure(spec, work / spec.name) / "model"
         for row in rows:
             config = work / f"sp{row['sp']}-{row['length']}.yaml"
             write_config(config, model, work / f"pairs-{row['length']}.jsonl", row["length"], row["sp"])
-            row["predicted_gib"] = predict(config, 2, "cpu")
-        body = table(rows, args.cap_gib, rows[0].get("load", "see the log"))
+            row["predicted_gib"] = predict(config, 2, "gpu" if args.device == "cuda" else "cpu")
+        body = table(rows, args.cap_gib, rows[0].get("load", "see the log"), args.device)
         print(body)
         if args.write:
             write_section(Path(args.write), "sp_memory", f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from workload import CPU, ensure
+    from workload import CPU, CUDA, ensure
 
+    spec = CUDA if args.device == "cuda" else CPU
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sp-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     loads = []
     try:
-        model = ensure(CPU, work / "yardstick") / "model"
+        model = ensure(spec, work / spec.name) / "model"
         for length in [int(x) for x in args.lengths.split(",")]:
             data = work / f"pairs-{length}.jsonl"
-            write_data(data, length, 2 * STEPS)
+            write_data(data, length, 2 * STEPS, spec)
             for sp in [int(x) for x in args.modes.split(",")]:
                 config = work / f"sp{sp}-{length}.yaml"
                 write_config(config, model, data, length, sp)
                 loads.append(os.getloadavg()[0])
-                row = {"length": length, "sp": sp, "predicted_gib": predict(config, 2, "cpu"),
-                       **measure(config, 2, work / "run", args.timeout)}
+                row = {"length": length, "sp": sp,
+                       "predicted_gib": predict(config, 2, "gpu" if args.device == "cuda" else "cpu"),
+                       **measure(config, 2, work / "run", args.timeout, args.device)}
                 loads.append(os.getloadavg()[0])
                 row["load"] = f"{min(loads):.1f}–{max(loads):.1f}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                body = table(rows, args.cap_gib, f"{min(loads):.1f}–{max(loads):.1f}")
+                body = table(rows, args.cap_gib, f"{min(loads):.1f}–{max(loads):.1f}", args.device)
                 print(body, flush=True)
                 if args.write:
                     write_section(Path(args.write), "sp_memory", f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
