@@ -124,6 +124,11 @@ def table(rows: list[dict], cap: float, load: str, device: str = "cpu") -> str:
     return text
 
 
+def section(device: str) -> str:
+    """The RESULTS.md section this script writes: one per device."""
+    return "sp_memory" if device == "cpu" else "sp_memory_cuda"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="1024,2048,4096", help="tokens per sequence (prompt + response), comma-separated")
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         body = table(rows, args.cap_gib, rows[0].get("load", "see the log"), args.device)
         print(body)
         if args.write:
-            write_section(Path(args.write), "sp_memory", f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
+            write_section(Path(args.write), section(args.device), f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from workload import CPU, CUDA, ensure
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 body = table(rows, args.cap_gib, f"{min(loads):.1f}–{max(loads):.1f}", args.device)
                 print(body, flush=True)
                 if args.write:
-                    write_section(Path(args.write), "sp_memory", f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
+                    write_section(Path(args.write), section(args.device), f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,8 @@
 """train.sequence_parallel end to end: SP = 2 on 2 CPU ranks (gloo, ZeRO-3) against one rank, same global batch.
 
 Two launches run every check below: the scenarios of tests/sequence_parallel_worker.py (DPO+SFT with prefix
-sharing, the chunked head, the static cache and eval; IPO + tr_soft with plain packing and full logits; LoRA +
-tr_hard), each 10 steps, on one rank and on two ranks sharing each row, plus the first scenario resumed from its
+sharing, the chunked head, the static cache and eval; IPO + tr_soft with plain packing, full logits and gradient
+checkpointing; LoRA + tr_hard), each 10 steps, on one rank and on two ranks sharing each row, plus the first scenario resumed from its
 step-5 checkpoint under SP = 2.
 
 The data is built so that the first batches hold a pair longer than one rank's share of the row, a prompt that
