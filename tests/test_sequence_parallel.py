@@ -157,3 +157,25 @@ def test_resuming_with_another_sequence_parallel_size_is_refused():
                                                          "with the same train.sequence_parallel"):
         checkpoint.check_compatible(types.SimpleNamespace(), meta, {"world_size": 2, "sequence_parallel": 1})
     checkpoint.check_compatible(types.SimpleNamespace(), {"world_size": 2}, {"world_size": 2, "sequence_parallel": 1})
+
+
+def test_the_memory_benchmark_pairs_are_exactly_the_rows_the_estimator_counts(tmp_path):
+    """benchmarks/sp_memory.py compares its runs with aligner-estimate at data.max_length = L: each of its
+    sequences must be exactly L tokens (prompt L/2, each response L/2 with its EOS) through aligner's tokenizing."""
+    import json
+    import random
+    import sys
+
+    from aligner.data.tokenize import tokenize_row
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sp_memory
+    from workload import SMOKE, SPECIALS, _words, tokenizer
+
+    path = tmp_path / "pairs.jsonl"
+    sp_memory.write_data(path, 20, 3, SMOKE)
+    tok = tokenizer(_words(SMOKE.vocab - len(SPECIALS), random.Random(SMOKE.seed)), 64)
+    for line in path.read_text().splitlines():
+        prompt, chosen, rejected, cut = tokenize_row(json.loads(line), tok, 20, None)
+        assert (len(prompt), len(chosen), len(rejected), cut) == (10, 10, 10, False)
