@@ -17,9 +17,12 @@ that enforces the kernel's documented preconditions and computes the same math; 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+
+from aligner import attention
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -136,3 +139,13 @@ def top_left_flash_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         seg_q = torch.tensor([0, qe - qs], dtype=torch.int32)
         out.append(segment_attention(q[qs:qe], k[ks:ke], v[ks:ke], seg_q, seg_q, scale, -1, 0))
     return torch.cat(out).to(q.dtype)
+
+
+#: The stand-ins as aligner's kernels (the adapters of aligner/attention.py around each signature).
+FLASH = attention.Kernel("flash_attn_standin", attention._flash_attn_kernel(flash_attn_varlen_func_standin).run,
+                         attention.HALF)
+TORCH_2_12 = dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_12, gqa=True), name="torch_2_12_standin")
+TORCH_2_10 = [dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_10, gqa=g), name=f"torch_2_10_gqa{g}")
+              for g in (True, False)]
+TORCH_2_9 = [dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_9, gqa=g), name=f"torch_2_9_gqa{g}")
+             for g in (True, False)]

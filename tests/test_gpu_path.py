@@ -3,27 +3,20 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from aligner import attention, models
+from aligner import attention, models, nonfinite
 from aligner.batch_path import decide, resolve_dtype
 from aligner.config import ConfigError, build_config
 from aligner.data import Example, collate_pairs, pack_pairs, pack_prefix_shared
 from aligner.logps import batch_logps
-from kernel_standins import (flash_attn_varlen_func_standin, top_left_flash_standin, varlen_attn_2_9, varlen_attn_2_10,
-                             varlen_attn_2_12)
+from kernel_standins import FLASH, TORCH_2_9, TORCH_2_10, TORCH_2_12, top_left_flash_standin
 
-FLASH = attention.Kernel("flash_attn_standin", attention._flash_attn_kernel(flash_attn_varlen_func_standin).run,
-                         attention.HALF)
-TORCH_2_12 = dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_12, gqa=True), name="torch_2_12_standin")
-TORCH_2_10 = [dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_10, gqa=g), name=f"torch_2_10_gqa{g}")
-              for g in (True, False)]
-TORCH_2_9 = [dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_9, gqa=g), name=f"torch_2_9_gqa{g}")
-             for g in (True, False)]
 CPU = torch.device("cpu")
 
 
@@ -216,3 +209,33 @@ def test_a_sliding_window_reaches_the_packed_kernels(tmp_path, examples):
         bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention.VARLEN, dtype=torch.bfloat16)
         got, _ = batch_logps(bf16, pack_prefix_shared(examples))
     assert torch.allclose(got.float(), want, atol=0.25), (got - want).abs().max()
+
+
+def test_the_gradient_check_allocates_nothing_the_size_of_the_gradients():
+    """A bool mask of an 8B model's gradient partition on one GPU would be 7.5 GiB (1 byte per element)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = torch.randn(4_000_000).to(dtype)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            assert nonfinite.all_finite([grads, torch.zeros(0)])
+        assert max(e.cpu_memory_usage for e in prof.events()) < 1024, dtype
+        grads[7] = float("inf")
+        assert not nonfinite.all_finite([torch.ones(3), grads])
+
+
+def test_an_offloaded_optimizer_steps_on_deepspeed_cpu_adam_where_its_op_loads():
+    offload = build_config({"train": {"offload_optimizer": True}})
+    fast, slow = models.deepspeed_config(offload, cpu_adam=True), models.deepspeed_config(offload, cpu_adam=False)
+    assert (fast["optimizer"]["params"]["torch_adam"], fast["zero_force_ds_cpu_optimizer"]) == (False, True)
+    assert (slow["optimizer"]["params"]["torch_adam"], slow["zero_force_ds_cpu_optimizer"]) == (True, False)
+    on_gpu = models.deepspeed_config(build_config({}), cpu_adam=True)  # not offloaded: torch's AdamW on the device
+    assert on_gpu["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_a_cpu_adam_op_that_cannot_build_is_the_reason_for_the_fallback(tmp_path):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
+    proc = subprocess.run([sys.executable, "-c", "from aligner.models import host_adam_problem; print(host_adam_problem())"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert ("DeepSpeed's cpu_adam op does not build: RuntimeError: Error building extension 'cpu_adam'"
+            in proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr  # (DeepSpeed prints its accelerator first)
