@@ -5,6 +5,7 @@ The exactness of whole runs (2 ranks against one) is tests/test_sequence_paralle
 """
 
 import argparse
+import re
 import types
 
 import pytest
@@ -118,6 +119,29 @@ def test_a_size_that_does_not_divide_the_ranks_is_refused_with_the_sizes_that_do
     with pytest.raises(ConfigError, match=r"train.sequence_parallel=4 does not divide the number of ranks \(6\).*"
                                           r"one of \[1, 2, 3, 6\]"):
         layout_for(_cfg("train.sequence_parallel=4"), 0, 6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attn_implementation=sdpa", "model.attn_implementation=sdpa cannot run under DeepSpeed's Ulysses attention: "
+                                       "the wrapper drops the attention mask"),
+    ("model.attn_implementation=eager", "DeepSpeed refuses 'eager'. Set model.attn_implementation=auto or varlen"),
+    ("train.packing=false", "train.packing=false asks for padded batches; set train.packing=true"),
+    ("train.zero_stage=2", "got zero_optimization stage 2, reduce_scatter True"),
+    ("eval.reward_model=some/judge", "eval.reward_model judges greedy generations"),
+])
+def test_what_the_config_alone_rules_out_is_refused_where_the_layout_is_made(override, message):
+    """Recipe.setup makes the layout (aligner.sequence_parallel.layout_for) before it loads data or builds an engine,
+    where the world-size refusal of tests/test_sequence_parallel_e2e.py stops a real 2-rank run."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        layout_for(_cfg("train.sequence_parallel=2", override), 0, 2)
+    layout_for(_cfg("train.sequence_parallel=1", override), 0, 2)  # the same config without SP is fine here
+
+
+def test_zero3_without_reduce_scatter_is_refused(tmp_path):
+    conf = tmp_path / "ds.json"
+    conf.write_text('{"zero_optimization": {"reduce_scatter": false}}')
+    with pytest.raises(ConfigError, match="reduce_scatter False"):
+        layout_for(_cfg("train.sequence_parallel=2", f"train.deepspeed_config={conf}"), 0, 2)
 
 
 def test_the_layout_groups_consecutive_ranks_and_shards_data_over_the_groups():
