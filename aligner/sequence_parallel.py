@@ -16,7 +16,7 @@ What aligner adds, and why each part is exact:
   ZeRO-3 partitions every parameter over all ranks (DeepSpeed's sequence-data-parallel group, the whole
   world), and the policy and the reference are partitioned alike, so the trust-region update on the local
   shards (aligner/trust_region.py) stays exact. DeepSpeed counts world/N data-parallel ranks for the batch
-  size, and divides the summed gradients by world/N, not by the world.
+  size (the ``mpu`` handed to ``deepspeed.initialize``); how it averages gradients is the last point below.
 - **The core attention is aligner's** (aligner/attention.py). The rank's row is a contiguous slice of the
   whole packed row. The forward kwargs that describe attention (``cu_seq_lens``, and for prefix-shared rows the
   key gather index) describe the *whole* row, because the core attention runs on the whole row after the
@@ -36,7 +36,7 @@ What aligner adds, and why each part is exact:
   ``__avg_scatter_grads`` → ``reduce_scatter_coalesced`` divides by the world size). So each rank back-propagates
   N·∂L/∂S, which is the backward of an all-reduce (the group's N equal gradients summed), computed without the
   collective: (1/world)·Σ N·g_r = (1/dp)·Σ_groups Σ_r g_r. DeepSpeed 0.19.8 divides by world/N instead in ZeRO
-  stages 1–2 and in ZeRO-3's contiguous path without reduce-scatter, so those are refused (:func:`check`); the
+  stages 1–2 and in ZeRO-3's contiguous path without reduce-scatter, so those are refused (:func:`check_config`); the
   exactness test (tests/test_sequence_parallel_e2e.py) compares every gradient against one rank. The token
   counts come from the whole row's scoring list, with no collective.
 
@@ -47,13 +47,14 @@ prefix-shared scoring list, attention metadata over the whole row). Its tiled lo
 (``TiledFusedLogitsLoss``) runs backward inside forward for a scalar loss. Our losses are nonlinear in
 per-sequence sums, so the chunked head (aligner/logps.py) does that job.
 
-What DeepSpeed's Ulysses cannot run is refused before any engine is built (:func:`check`): a head count that N
+What DeepSpeed's Ulysses cannot run is refused before any engine is built (:func:`check_config` from the config
+alone, :func:`check` once the model, data and batch path are known): N not dividing the world; a head count that N
 does not divide; a KV head count that N neither divides nor is a multiple of (DeepSpeed splits KV heads, or
 replicates them when N is a multiple); ``eager`` (DeepSpeed refuses it) and ``sdpa`` by name (the
 wrapper drops the mask, so a packed row would attend across its sequences); padded batches (its wrapper has
 one fixed batch size, and this module shards one packed row); KTO's unpaired and mismatched batches
 (padded, for the same reason); generation (``eval.reward_model``: a KV cache grows one token at a time, which
-a row sharded N ways cannot do).
+a row sharded N ways cannot do); ZeRO stages other than 3 (their gradient average, above).
 """
 
 from __future__ import annotations
