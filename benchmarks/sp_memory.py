@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             config = work / f"sp{row['sp']}-{row['length']}.yaml"
             write_config(config, model, work / f"pairs-{row['length']}.jsonl", row["length"], row["sp"])
             row["predicted_gib"] = predict(config, 2, "gpu" if args.device == "cuda" else "cpu")
-        body = table(rows, args.cap_gib, rows[0].get("load", "see the log"), args.device)
+        body = table(rows, args.cap_gib, rows[-1].get("load", "see the log"), args.device)  # the range so far
         print(body)
         if args.write:
             write_section(Path(args.write), section(args.device), f"{body}\n\nCommand: `{command_line(__file__, argv)}`")
