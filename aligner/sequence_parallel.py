@@ -52,7 +52,7 @@ alone, :func:`check` once the model, data and batch path are known): N not divid
 does not divide; a KV head count that N neither divides nor is a multiple of (DeepSpeed splits KV heads, or
 replicates them when N is a multiple); ``eager`` (DeepSpeed refuses it) and ``sdpa`` by name (the
 wrapper drops the mask, so a packed row would attend across its sequences); padded batches (its wrapper has
-one fixed batch size, and this module shards one packed row); KTO's unpaired and mismatched batches
+one fixed batch size, and this module shards one packed row); unpaired and mismatched-pair (kl_pairs) batches
 (padded, for the same reason); generation (``eval.reward_model``: a KV cache grows one token at a time, which
 a row sharded N ways cannot do); ZeRO stages other than 3 (their gradient average, above).
 """
@@ -184,9 +184,9 @@ def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
         raise ConfigError(f"{key}: {problem}")
     if not paired or kl_pairs:
         raise ConfigError(
-            f"{key}: unpaired data and KTO's mismatched pairs (kl_pairs) are padded batches, one row per completion, "
-            f"and sequence parallelism shards one packed row of preference pairs; train KTO without sequence "
-            f"parallelism (train.sequence_parallel=1), or use a paired loss")
+            f"{key}: unpaired data and the mismatched pairs a loss asks for (kl_pairs) are padded batches, one row "
+            f"per completion, and sequence parallelism shards one packed row of preference pairs; train such a loss "
+            f"without sequence parallelism (train.sequence_parallel=1), or use a loss that takes preference pairs")
     if not path.packing:  # packing was asked for (check_config), but this machine cannot run it
         raise ConfigError(
             f"{key}: sequence parallelism shards one packed row, but this run's batches fall back to padded "

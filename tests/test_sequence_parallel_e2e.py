@@ -182,7 +182,7 @@ def test_the_data_hits_every_boundary_case(data, tiny_tokenizer):
 REFUSALS = {  # bad config -> what its error must say (tests/sequence_parallel_worker.py REFUSED)
     "world": "train.sequence_parallel=3 does not divide the number of ranks (2)",
     "kv_heads": "the model has 3 key/value heads, which 2 ranks can neither split",
-    "kto": "KTO's mismatched pairs (kl_pairs) are padded batches",
+    "kto": "unpaired data and the mismatched pairs a loss asks for (kl_pairs) are padded batches",
 }
 
 
