@@ -50,8 +50,9 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
     built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
     local: list[dict] = []
     local_kl: list[tuple[float, float]] = []
-    collate = sequence_parallel.shard_collate(make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing),
-                                              pad_token_id)
+    sharded = sequence_parallel.current().size > 1  # then unpaired and KL batches are packed too
+    collate = sequence_parallel.shard_collate(
+        make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing, sharded), pad_token_id)
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate(batch_examples)
         inputs = gather_inputs(batch, engines, static, chunk_tokens)

@@ -23,7 +23,9 @@ What aligner adds, and why each part is exact:
   first all-to-all. So a rejected token sees the prompt and never chosen, whichever rank holds either.
   The attention function itself is unchanged.
 - **Sharding** (:class:`ShardedBatch`). Every rank of a group builds the same batch from the same
-  examples. The row is padded at its end to a multiple of N: the padding joins the last sequence, is never
+  examples, packed: pairs as the run's layout packs them, and unpaired completions and the mismatched KL rows
+  (``kl_pairs``) with :func:`aligner.data.packing.pack_batch`, which the batch path chooses for them under SP
+  (without SP they stay padded). The row is padded at its end to a multiple of N: the padding joins the last sequence, is never
   scored, and only attends backwards. Each rank keeps tokens [r·L/N, (r+1)·L/N). A logit position
   scores its target wherever the position lies, so the token after a shard boundary is scored by the rank
   that holds the position before it (DeepSpeed's adapter does this with ``shift_labels``; prefix sharing
@@ -51,9 +53,9 @@ What DeepSpeed's Ulysses cannot run is refused before any engine is built (:func
 alone, :func:`check` once the model, data and batch path are known): N not dividing the world; a head count that N
 does not divide; a KV head count that N neither divides nor is a multiple of (DeepSpeed splits KV heads, or
 replicates them when N is a multiple); ``eager`` (DeepSpeed refuses it) and ``sdpa`` by name (the
-wrapper drops the mask, so a packed row would attend across its sequences); padded batches (its wrapper has
-one fixed batch size, and this module shards one packed row); unpaired and mismatched-pair (kl_pairs) batches
-(padded, for the same reason); generation (``eval.reward_model``: a KV cache grows one token at a time, which
+wrapper drops the mask, so a packed row would attend across its sequences); padded batches
+(``train.packing: false``: its wrapper has one fixed batch size, and this module shards one packed row);
+generation (``eval.reward_model``: a KV cache grows one token at a time, which
 a row sharded N ways cannot do); ZeRO stages other than 3 (their gradient average, above).
 """
 
@@ -182,11 +184,6 @@ def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
                            text.num_attention_heads)
     if problem:
         raise ConfigError(f"{key}: {problem}")
-    if not paired or kl_pairs:
-        raise ConfigError(
-            f"{key}: unpaired data and the mismatched pairs a loss asks for (kl_pairs) are padded batches, one row "
-            f"per completion, and sequence parallelism shards one packed row of preference pairs; train such a loss "
-            f"without sequence parallelism (train.sequence_parallel=1), or use a loss that takes preference pairs")
     if not path.packing:  # packing was asked for (check_config), but this machine cannot run it
         raise ConfigError(
             f"{key}: sequence parallelism shards one packed row, but this run's batches fall back to padded "
@@ -325,7 +322,8 @@ class ShardedBatch(Batch):
 
 
 def shard(batch: Batch, layout: Layout, pad_token_id: int) -> ShardedBatch:
-    """This rank's part of ``batch`` (one packed row) under ``layout``."""
+    """This rank's part of ``batch`` (one packed row) under ``layout``; its mismatched rows (``kl_pairs``, their
+    own packed row) likewise."""
     if batch.input_ids.shape[0] != 1:
         raise TypeError(f"sequence parallelism shards one packed row; got a {type(batch).__name__} of "
                         f"{batch.input_ids.shape[0]} rows")
@@ -337,11 +335,12 @@ def shard(batch: Batch, layout: Layout, pad_token_id: int) -> ShardedBatch:
     positions, targets, owner = whole.score_index()  # (M,) each, over the whole row
     mine = (positions >= start) & (positions < start + width)
     counts = torch.zeros(batch.n_sequences, dtype=torch.long).index_add(0, owner, torch.ones_like(owner))
+    mismatched = None if batch.mismatched is None else shard(batch.mismatched, layout, pad_token_id)
     return ShardedBatch(input_ids=whole.input_ids[:, part], position_ids=whole.position_ids[:, part],
                         response_mask=whole.response_mask[:, part], positions=positions[mine] - start,
                         targets=targets[mine], owner=owner[mine], whole_counts=counts, ids=batch.ids,
                         n_chosen=batch.n_chosen, row_index=batch.row_index, paired=batch.paired, whole=whole,
-                        source=batch, start=start, layout=layout)
+                        source=batch, start=start, layout=layout, mismatched=mismatched)
 
 
 def shard_collate(collate: Callable[[list], Batch], pad_token_id: int,

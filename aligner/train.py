@@ -216,7 +216,7 @@ def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path],
                                                                                           mpu=layout.mpu),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
         collate=sequence_parallel.shard_collate(make_collate(t.packing, pad_id, False, cfg.data.max_length,
-                                                             t.prefix_sharing), pad_id, layout))
+                                                             t.prefix_sharing, layout.size > 1), pad_id, layout))
 
 
 def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str, dict]:
@@ -302,7 +302,7 @@ class Recipe:
         teardown.register(self.tb.close)
         self.collate = sequence_parallel.shard_collate(
             make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
-                         cfg.train.prefix_sharing), self.pad_id, self.layout)
+                         cfg.train.prefix_sharing, self.layout.size > 1), self.pad_id, self.layout)
         return self
 
     def setup_data(self) -> None:

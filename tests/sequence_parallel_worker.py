@@ -35,17 +35,18 @@ SCENARIOS = {
     "tr-soft": ("ipo,tr_soft", ["train.prefix_sharing=false", "train.logps_chunk_tokens=0", "tr_soft.every=3",
                                 "tr_soft.alpha=0.5", "model.gradient_checkpointing=true"]),
     "lora": ("dpo,tr_hard", ["model.lora.r=4", "train.prefix_sharing=true", "tr_hard.every=4", "train.lr=5e-3"]),
+    # the pairs as unpaired completions, with mismatched KL rows: padded on one rank, packed and sharded under SP
+    "kto": ("kto", ["train.cache_static_logps=false"]),
 }
 
 
 #: bad config -> (plugins, overrides): each must be refused before any engine is built ("KV3" is a model with
 #: 6 query and 3 key/value heads, which 2 ranks can neither split nor replicate). One refusal from the config
 #: alone (the world size; the others of aligner.sequence_parallel.check_config are decided in the same place and
-#: tested in-process), and the two that need the model and the plugins' inputs.
+#: tested in-process), and one that needs the model.
 REFUSED = {
     "world": ("dpo", ["train.sequence_parallel=3"]),
     "kv_heads": ("dpo", ["model.name_or_path=KV3"]),
-    "kto": ("kto", []),
 }
 
 

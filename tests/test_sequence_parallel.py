@@ -71,6 +71,33 @@ def test_the_padding_changes_no_real_tokens_logits(random_model_dir, examples, p
     assert torch.allclose(plain, extended[:, :length], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("unpaired", [False, True])
+def test_packed_unpaired_and_kl_rows_score_as_their_padded_batch(random_model_dir, examples, unpaired):
+    """Under SP, unpaired completions and the mismatched KL rows are packed (pack_batch) instead of padded: the same
+    rows, labels and per-sequence log-probs, and the mismatched row is sharded with its batch."""
+    from transformers import AutoModelForCausalLM
+
+    from aligner.data.collate import collate_batch
+    from aligner.data.packing import make_collate, pack_batch
+    from aligner.data.tokenize import UnpairedExample
+    from aligner.logps import batch_logps
+
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir, attn_implementation=attention.VARLEN)
+    rows = ([UnpairedExample(f"u{i}", ex.prompt_ids, ex.chosen_ids if i % 2 else ex.rejected_ids, bool(i % 2))
+             for i, ex in enumerate(examples)] if unpaired else examples)
+    padded, packed = collate_batch(rows, PAD, kl_pairs=True, max_length=64), pack_batch(rows, True, 64)
+    for a, b in ((padded, packed), (padded.mismatched, packed.mismatched)):
+        assert (a.n_chosen, a.paired, a.row_index, a.ids) == (b.n_chosen, b.paired, b.row_index, b.ids)
+        with torch.no_grad():
+            (la, ca), (lb, cb) = batch_logps(model, a), batch_logps(model, b)
+        assert torch.equal(ca, cb) and torch.allclose(la, lb, atol=1e-5, rtol=0)
+    assert type(make_collate(True, PAD, True, 64, pack_all=True)(rows)) is type(packed)
+    assert type(make_collate(True, PAD, True, 64)(rows)) is type(padded)  # without SP: padded, as before
+    part = shard(packed, Layout(2, 1, 0, 1), PAD)
+    assert part.mismatched is not None and part.mismatched.whole.input_ids.shape[1] % 2 == 0
+
+
 def test_a_padded_batch_has_no_single_row_to_shard(examples):
     from aligner.data import collate_pairs
 
@@ -203,3 +230,24 @@ def test_the_memory_benchmark_pairs_are_exactly_the_rows_the_estimator_counts(tm
     for line in path.read_text().splitlines():
         prompt, chosen, rejected, cut = tokenize_row(json.loads(line), tok, 20, None)
         assert (len(prompt), len(chosen), len(rejected), cut) == (10, 10, 10, False)
+
+
+def test_under_sp_unpaired_and_kl_batches_stay_packed_unshared_and_the_kernel_checks_each_ranks_heads(
+        random_model_dir):
+    from transformers import AutoConfig
+
+    from aligner import batch_path
+    from aligner.config import build_config
+
+    model_config = AutoConfig.from_pretrained(random_model_dir)  # 4 query / 2 key-value heads
+    sp2 = build_config({"train": {"sequence_parallel": 2}})
+    for paired, kl_pairs in ((False, False), (True, True)):
+        path = batch_path.decide(sp2, model_config, paired, kl_pairs, cuda=False)
+        assert (path.packing, path.prefix_sharing, path.fallbacks) == (True, False, ())
+        path = batch_path.decide(build_config({}), model_config, paired, kl_pairs, cuda=False)
+        assert path.packing is False  # one rank per sequence: padded, as before
+    seen = []
+    kernel = attention.Kernel("probe", lambda *a: seen.append(a))
+    # the probe returns nothing, so its self-check fails and the run falls back; what matters is what it was given
+    batch_path.decide(sp2, model_config, True, False, cuda=True, kernels=[kernel])
+    assert seen and seen[0][0].shape[1] == 2 and seen[0][1].shape[1] == 1  # q (T, H/2, D), k (T, KV/2, D)

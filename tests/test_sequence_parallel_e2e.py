@@ -2,7 +2,8 @@
 
 Two launches run every check below: the scenarios of tests/sequence_parallel_worker.py (DPO+SFT with prefix
 sharing, the chunked head, the static cache and eval; IPO + tr_soft with plain packing, full logits and gradient
-checkpointing; LoRA + tr_hard), each 10 steps, on one rank and on two ranks sharing each row, plus the first scenario resumed from its
+checkpointing; LoRA + tr_hard; KTO with its mismatched KL rows, padded on one rank and packed under SP), each 10
+steps, on one rank and on two ranks sharing each row, plus the first scenario resumed from its
 step-5 checkpoint under SP = 2.
 
 The data is built so that the first batches hold a pair longer than one rank's share of the row, a prompt that
@@ -30,7 +31,7 @@ from aligner.launcher import deepspeed_command
 from conftest import ROOT, read_scalars
 
 WORKER = ROOT / "tests" / "sequence_parallel_worker.py"
-SCENARIOS = ("dpo-prefix", "tr-soft", "lora")
+SCENARIOS = ("dpo-prefix", "tr-soft", "lora", "kto")
 #: (prompt, chosen, rejected) characters of the first train pairs, two per micro-batch. The byte-level tokenizer
 #: gives one token per character and appends EOS to each response, so a pair is P + (c+1) + (r+1) tokens.
 SHAPED = [(40, 19, 19), (10, 4, 4),    # row 100, share 50: the first pair (80) is longer than a share
@@ -182,7 +183,6 @@ def test_the_data_hits_every_boundary_case(data, tiny_tokenizer):
 REFUSALS = {  # bad config -> what its error must say (tests/sequence_parallel_worker.py REFUSED)
     "world": "train.sequence_parallel=3 does not divide the number of ranks (2)",
     "kv_heads": "the model has 3 key/value heads, which 2 ranks can neither split",
-    "kto": "unpaired data and the mismatched pairs a loss asks for (kl_pairs) are padded batches",
 }
 
 

@@ -9,8 +9,8 @@ Every batch holds N scored sequences, ordered ``[chosen/desirable..., rejected/u
   (``train.prefix_sharing``; aligner/data/packing.py, aligner/attention.py).
 
 Either may be paired (B pairs, N = 2B) or unpaired (``paired`` False, the first ``n_chosen`` rows desirable),
-and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a :class:`PaddedBatch` of its own
-(``kl_pairs``, aligner/data/collate.py).
+and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a batch of its own (``kl_pairs``,
+aligner/data/collate.py; padded, or packed under sequence parallelism).
 
 What differs between the kinds lives in their methods: the model's forward arguments
 (:meth:`Batch.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`), and the real
@@ -41,7 +41,7 @@ class Batch(ABC):
     n_chosen: int
     row_index: list[int]
     paired: bool = True
-    mismatched: PaddedBatch | None = None
+    mismatched: Batch | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on ``device`` (the mismatched part stays where it is)."""
