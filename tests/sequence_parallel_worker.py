@@ -24,14 +24,16 @@ import torch
 from aligner import teardown, train
 
 COMMON = ["data.shuffle=false", "data.max_length=256", "train.max_steps=10", "train.micro_batch_size=2",
-          "train.lr=5e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.save_every=5",
-          "eval.every=5", "eval.batch_size=2", "train.balance_ranks=false"]
+          "train.lr=5e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.save_every=0",
+          "eval.every=0", "eval.batch_size=2", "train.balance_ranks=false"]
 #: scenario -> (plugins, overrides): together they cover prefix sharing and plain packing, the chunked head and
 #: full logits, the static cache (pre-pass and eval), a moved reference (tr_soft, tr_hard), LoRA, gradient
 #: checkpointing (its recomputed forward repeats the all-to-alls inside backward), and losses that read token
 #: counts (ipo, sft).
 SCENARIOS = {
-    "dpo-prefix": ("dpo,sft", ["train.prefix_sharing=true", "train.logps_chunk_tokens=16"]),
+    # evaluated and saved at step 5 too (the resumed run starts there)
+    "dpo-prefix": ("dpo,sft", ["train.prefix_sharing=true", "train.logps_chunk_tokens=16", "train.save_every=5",
+                               "eval.every=5"]),
     "tr-soft": ("ipo,tr_soft", ["train.prefix_sharing=false", "train.logps_chunk_tokens=0", "tr_soft.every=3",
                                 "tr_soft.alpha=0.5", "model.gradient_checkpointing=true"]),
     "lora": ("dpo,tr_hard", ["model.lora.r=4", "train.prefix_sharing=true", "tr_hard.every=4", "train.lr=5e-3"]),
