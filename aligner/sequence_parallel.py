@@ -169,9 +169,9 @@ def head_problem(size: int, heads: int, kv: int) -> str | None:
     return None
 
 
-def check(cfg, path, model_config, paired: bool, kl_pairs: bool) -> None:
+def check(cfg, path, model_config) -> None:
     """Refuse, before any engine is built, a run that ``train.sequence_parallel > 1`` cannot shard exactly, once
-    its model, data and batch path are known (:func:`check_config` has run).
+    its model and batch path are known (:func:`check_config` has run).
 
     :param path: the run's decided :class:`aligner.batch_path.BatchPath`.
     """
@@ -227,14 +227,14 @@ def register(layout: Layout, attn_implementation: str, model_config) -> Layout:
     return layout
 
 
-def setup(cfg, path, policy_path, layout: Layout, paired: bool, kl_pairs: bool) -> Layout:
+def setup(cfg, path, policy_path, layout: Layout) -> Layout:
     """:func:`check` the run against the policy's config, then :func:`register` it (every rank; collective)."""
     if layout.size == 1:
         return layout
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
-    check(cfg, path, model_config, paired, kl_pairs)
+    check(cfg, path, model_config)
     return register(layout, path.attn_implementation, model_config)
 
 

@@ -292,8 +292,7 @@ class Recipe:
         self.plan = make_plan(cfg, self.plugins, paired_data=paired)
         if self.rank == 0:
             log.info("batch path: %s", self.path.describe())
-        self.layout = sequence_parallel.setup(cfg, self.path, self.paths["policy"], self.layout, paired,
-                                              self.plan.needs("kl_pairs"))
+        self.layout = sequence_parallel.setup(cfg, self.path, self.paths["policy"], self.layout)
         if self.rank == 0 and self.layout.size > 1:
             log.info("sequence parallel: %s", self.layout.describe())
         self.setup_models()
