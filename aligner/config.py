@@ -201,9 +201,12 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
+    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
+    #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "sequence_parallel"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
         _positive("train.dist_timeout_s", self.dist_timeout_s)
