@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-TARGET_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "id")
+#: Columns passed to the chat template with a conversational row (TRL's): ``tools`` and ``chat_template_kwargs``.
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+TARGET_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "id", *TEMPLATE_COLUMNS)
 
 
 class RowError(ValueError):
@@ -79,7 +81,7 @@ def detect_paired(columns: list[str], label: str) -> bool:
     paired = "chosen" in columns and "rejected" in columns
     if paired or all(c in columns for c in UNPAIRED_COLUMNS):
         used = PAIRED_COLUMNS if paired else UNPAIRED_COLUMNS
-        extra = [c for c in columns if c not in (*used, "id") and not c.startswith("_aligner")]
+        extra = [c for c in columns if c not in (*used, "id", *TEMPLATE_COLUMNS) and not c.startswith("_aligner")]
         if extra:
             log.warning("dataset %s: ignoring column(s) %s", label, ", ".join(extra))
         return paired
