@@ -9,6 +9,7 @@ its own section (see ``aligner_config_section``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,11 +102,12 @@ class DataConfig:
     train: str | list[Any] = "embedded:train"
     #: Same forms as ``train``; ``null`` for no evaluation.
     eval: str | list[Any] | None = "embedded:eval"
-    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``).
-    train_split: str = "train"
-    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``).
-    eval_split: str = "test"
-    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several.
+    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``); ``null``: ``train``.
+    #: Refused for a dataset without splits (a single file), where it would be ignored.
+    train_split: str | None = None
+    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``); ``null``: ``test``.
+    eval_split: str | None = None
+    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several; refused for a single file.
     subset: str | None = None
     #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``.
     columns: dict[str, str] | None = None
@@ -332,7 +334,7 @@ def build_config(
             )
         else:
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
-            raise ConfigError(f"{source}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
+            raise ConfigError(f"{origin(key)}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
     for key, cls in plugin_sections.items():
         sections.setdefault(key, _build_section(cls, {}, key, origin))
     return RunConfig(**kwargs, sections=sections)
@@ -348,25 +350,26 @@ class _Origin:
         return f"--set {self.overridden[key]}" if key in self.overridden else self.source
 
     def of_message(self, message: str, prefix: str, names: set[str]) -> str:
-        """The origin of the first key of section ``prefix`` that a validation message names."""
+        """The origin of the first key of section ``prefix`` that a validation message names, as ``prefix.key`` or
+        (a plugin's own check, e.g. ``weight must be ...``) as the bare key."""
         named = [(message.find(f"{prefix}.{n}"), -len(n), n) for n in names if f"{prefix}.{n}" in message]
+        if not named:
+            named = [(m.start(), -len(n), n) for n in names if (m := re.search(rf"(?<![\w.]){re.escape(n)}\b", message))]
         return self(f"{prefix}.{min(named)[2]}") if named else self.source  # the longest at the first place
 
 
 def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
-    source = origin.source
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{source}: '{prefix}' must be a mapping of options, got {value!r}")
+        raise ConfigError(f"{origin(prefix)}: '{prefix}' must be a mapping of options, got {value!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, item in value.items():
         if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"{origin(f'{prefix}.{key}')}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are "
+                              f"{', '.join(sorted(names))}")
         kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"), origin)
     try:
         return cls(**kwargs)

@@ -24,7 +24,7 @@ from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example
 from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines
 from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
-from aligner.losses import pair_only_losses
+from aligner.losses import check_weights, pair_only_losses
 from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
 from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, inactive_sections, list_plugins_table
 from aligner.reward_eval import RewardJudge
@@ -78,7 +78,9 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     sections = plugins.config_sections()
     inactive = inactive_sections(plugins)
     overridden = {item.partition("=")[0].strip(): item for item in overrides}
-    return build_config(raw, sections, inactive, source=str(config_path), overridden=overridden), plugins
+    cfg = build_config(raw, sections, inactive, source=str(config_path), overridden=overridden)
+    check_weights(plugins, cfg)
+    return cfg, plugins
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from aligner.data.formats import RowError, detect_paired, is_conversational, paired_parts, unpaired_parts
+from aligner.data.formats import RowError, check_messages, detect_paired, is_conversational, paired_parts, unpaired_parts
 from aligner.data.load import DataError
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,6 @@ class Encoded:
     truncated: bool
 
 
-def _check_messages(column: str, value: Any) -> None:
-    if not isinstance(value, list) or not value:
-        raise RowError(column, "is an empty message list" if isinstance(value, list) else
-                       f"must be a list of chat messages like the other columns, got {type(value).__name__}")
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise RowError(column, f"message {i} must be a mapping with string 'role' and 'content', got {msg!r}")
-
-
 def render_row(row: dict, tokenizer: Any, paired: bool) -> tuple[str, list[str], bool, bool | None]:
     """(prompt text, prompt+response texts, templated, label) of one row, by TRL's rules (module doc)."""
     if paired:
@@ -95,7 +86,7 @@ def render_row(row: dict, tokenizer: Any, paired: bool) -> tuple[str, list[str],
         names = ("completion",)
     if is_conversational(prompt):
         for column, value in zip(("prompt", *names), (prompt, *responses)):
-            _check_messages(column, value)
+            check_messages(column, value)
         if not getattr(tokenizer, "chat_template", None):
             raise RowError("prompt", "is a chat conversation but the model's tokenizer has no chat template; give "
                                      "string rows, set model.chat_template, or use a tokenizer with a chat_template")
