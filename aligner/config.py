@@ -187,6 +187,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
+    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
+    #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
+    lock_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -195,7 +198,7 @@ class TrainConfig:
         _positive("train.dist_timeout_s", self.dist_timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last",
-                    "save_every_minutes"):
+                    "save_every_minutes", "lock_wait_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))

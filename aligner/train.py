@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
+from aligner import attention, batch_path, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
 from aligner.eval import evaluate
@@ -36,7 +36,7 @@ MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 #: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
 USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
-               static_logps.StaticCacheError, checkpoint.CheckpointError)
+               static_logps.StaticCacheError, checkpoint.CheckpointError, joblock.LockError)
 
 
 class RunError(RuntimeError):
@@ -87,13 +87,22 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def open_output_dir(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Rank 0, before the job lock: ``--resume auto`` on a folder that never held a run is refused (a typo in
+    output_dir must not silently retrain from scratch); any other run creates the folder."""
+    out = Path(cfg.output_dir)
+    if args.resume != "auto":
+        make_output_dir(out)
+    elif not (checkpoint.list_checkpoints(out) or (out / "config.json").is_file() or joblock.lock_path(out).is_file()):
+        raise no_run_to_resume(out)
+
+
 def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> Path | None:
-    """Refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
+    """Under the job lock: refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
         return resume_auto(out)
-    make_output_dir(out)
     if args.resume:
         path = Path(args.resume)
         checkpoint.read_meta(path)  # refuses a missing or half-written folder
@@ -116,14 +125,16 @@ def resume_auto(out: Path) -> Path | None:
     that never held a run is refused (a typo in output_dir must not silently retrain from scratch)."""
     latest = checkpoint.latest_checkpoint(out)
     if latest is None and not (out / "config.json").is_file():
-        raise RunError(
-            f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
-            f"output_dir for a typo, or leave out --resume to start a new run there"
-        )
+        raise no_run_to_resume(out)
     if latest is None:
         log.warning("--resume auto: no checkpoint in %s yet (the run there stopped before its first save); "
                     "starting from step 0", out)
     return latest
+
+
+def no_run_to_resume(out: Path) -> RunError:
+    return RunError(f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
+                    f"output_dir for a typo, or leave out --resume to start a new run there")
 
 
 def make_output_dir(out: Path) -> Path:
@@ -264,7 +275,11 @@ class Recipe:
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
-        # Rank 0 checks the folder while the others wait; its errors are theirs.
+        # Rank 0 checks the folder and takes the job lock while the others wait; its errors are theirs.
+        lockstep.on_rank_zero(lambda: open_output_dir(cfg, self.args), USER_ERRORS + (RunError,))
+        lock = joblock.hold(self.out, cfg.train.lock_wait_s if self.args.resume == "auto" else 0.0, self.world)
+        if lock is not None:
+            teardown.register(lock.release, after_ranks=True)
         self.resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, self.args, self.rank),
                                                  USER_ERRORS + (RunError,))
         torch.manual_seed(cfg.train.seed)
@@ -529,13 +544,15 @@ def main(argv: list[str] | None = None) -> int:
         code = report(3, f"aligner: stopped: {exc}")
     except preempt.Preempted as exc:
         code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C before the stop handling was installed (aligner/preempt.py): nothing to save
+        code = report(preempt.EXIT_INTERRUPTED, "aligner: interrupted (Ctrl-C) while starting; nothing was saved")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):
             raise
         print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
         code = 4
     finally:
-        teardown.shutdown(clean=code in (0, preempt.EXIT_PREEMPTED))
+        teardown.shutdown(min(teardown.WAIT_S, cfg.train.dist_timeout_s) if cfg is not None else teardown.WAIT_S)
     return code
 
 
