@@ -87,6 +87,19 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def claim_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int) -> Path | None:
+    """Collective: check ``output_dir``, take its job lock (released at teardown, aligner/joblock.py), and return the
+    checkpoint to resume from, its files verified, if any. Rank 0 does the work; its errors are every rank's."""
+    lockstep.on_rank_zero(lambda: open_output_dir(cfg, args), USER_ERRORS + (RunError,))
+    lock = joblock.hold(cfg.output_dir, cfg.train.lock_wait_s if args.resume == "auto" else 0.0, world)
+    if lock is not None:
+        teardown.register(lock.release, after_ranks=True)
+    resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, args, rank), USER_ERRORS + (RunError,))
+    if resume_from is None:
+        return None
+    return checkpoint.verified_resume(resume_from, args.resume == "auto", cfg.output_dir)  # before anything is loaded
+
+
 def open_output_dir(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Rank 0, before the job lock: ``--resume auto`` on a folder that never held a run is refused (a typo in
     output_dir must not silently retrain from scratch); any other run creates the folder."""
@@ -275,13 +288,7 @@ class Recipe:
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
-        # Rank 0 checks the folder and takes the job lock while the others wait; its errors are theirs.
-        lockstep.on_rank_zero(lambda: open_output_dir(cfg, self.args), USER_ERRORS + (RunError,))
-        lock = joblock.hold(self.out, cfg.train.lock_wait_s if self.args.resume == "auto" else 0.0, self.world)
-        if lock is not None:
-            teardown.register(lock.release, after_ranks=True)
-        self.resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, self.args, self.rank),
-                                                 USER_ERRORS + (RunError,))
+        self.resume_from = claim_output_dir(cfg, self.args, self.rank, self.world)
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
