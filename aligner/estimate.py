@@ -14,7 +14,9 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
 
 - policy training state: lp params d·P/N, lp gradient partitions d·P/N, fp32
   master 4·P/N, Adam moments 8·P/N, and the fp32 gradient copy DeepSpeed
-  flattens for the optimizer step 4·P/N (``_prepare_fp32_grad_for_sub_group``).
+  flattens for the optimizer step 4·P/N (``_prepare_fp32_grad_for_sub_group``: created per sub-group at each
+  step and released after it, as the buffer ``initialize_optimizer_states`` allocates at setup is; with bf16
+  weights the flattened bf16 copy it is converted from lives beside it, d·min(P/N, sub_group_size)).
   ``train.offload_optimizer`` moves master, moments and fp32 gradients to host
   memory. Params under ``stage3_param_persistence_threshold`` stay whole on
   every rank.
@@ -80,7 +82,7 @@ HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Me
 # DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py), used when the DeepSpeed config leaves them unset.
 DS_DEFAULTS = {
     "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
-    "stage3_param_persistence_threshold": 1e5,
+    "stage3_param_persistence_threshold": 1e5, "sub_group_size": 1e9,
 }
 
 
@@ -326,6 +328,7 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
+    cfg = resolved(cfg, device)
     ranks = gpus_per_node * nodes
     zero = models.deepspeed_config(cfg).get("zero_optimization", {})
     est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB)
@@ -337,6 +340,16 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     _policy_forward(est, cfg)
     _frozen_models(est, cfg, zero, frozen_shapes or {})
     return est
+
+
+def resolved(cfg, device: str):
+    """``cfg`` with ``model.dtype: auto`` resolved as a run on ``device`` resolves it (aligner/batch_path.py)."""
+    import dataclasses
+
+    from aligner.batch_path import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, cuda=device == "gpu")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
 
 
 def _shards(zero: dict[str, Any], ranks: int) -> tuple[int, int, int]:
@@ -372,6 +385,12 @@ def _policy_state(est: Estimate, cfg, zero: dict[str, Any]) -> None:
                                + (f" + {A - T:,} reference adapter (rank {R})" if moved else "") + f", 1/{shard[0]}"))
     est.steady.append(Line("policy gradient partitions", d * T / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
     where.append(Line("policy fp32 gradients", 4 * T / shard[2], "flattened for the optimizer step", "step"))
+    if stage == 3 and not _offloaded(zero, "offload_optimizer") and d != 4:
+        # stage3._prepare_fp32_grad_for_sub_group: flatten(averaged_gradients) (model dtype) then .to(fp32); the
+        # flat copy lives beside the fp32 one until the sub-group's step (sub_group_size elements at most).
+        group = min(T / shard[2], _zero_setting(zero, "sub_group_size"))
+        est.steady.append(Line("policy flattened gradients", d * group, f"{cfg.model.dtype} copy beside the fp32 one, "
+                               f"{int(group):,} elements (one sub-group)", "step"))
     where.append(Line("policy fp32 master", 4 * T / shard[2], "fp32 copy of the partition"))
     where.append(Line("policy Adam moments", 8 * T / shard[2], "exp_avg + exp_avg_sq, fp32"))
 
@@ -549,6 +568,7 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
     if not Path(args.config).is_file():
         raise EstimateError(f"--config {args.config}: no such file; pass the path of the run's YAML config (see configs/)")
     cfg, plugins = configure(ns)
+    cfg = resolved(cfg, args.device)
     shape, _ = load_shape(args.model_config, cfg.model.name_or_path)
     paired = data_is_paired(cfg)
     plan = make_plan(cfg, plugins, paired_data=paired is not False)

@@ -181,8 +181,10 @@ def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tenso
         ``[chosen..., rejected...]``.
     """
     device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
+    # The index is computed on the host, where the batch was built: nonzero() and mask indexing on a GPU tensor
+    # would each wait for the GPU.
+    positions, targets, owner = (t.to(device) for t in batch.score_index())  # (M,) each
     batch = batch.to(device)
-    positions, targets, owner = batch.score_index()  # (M,) each
     n_seqs = batch.n_sequences
     if chunk_tokens:
         with _scoring_head(model, positions, targets, chunk_tokens):

@@ -201,7 +201,11 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> En
     ``shares`` another's is that engine."""
     from aligner.lora import REFERENCE_ADAPTER, PolicyView
 
-    ds_conf = models.deepspeed_config(cfg)
+    problem = models.host_adam_problem() if cfg.train.offload_optimizer else "not offloaded"
+    if cfg.train.offload_optimizer and rank_and_world()[0] == 0:
+        log.info("offloaded optimizer: %s", "DeepSpeedCPUAdam" if problem is None else
+                 f"torch.optim.AdamW, the slow fallback ({problem})")
+    ds_conf = models.deepspeed_config(cfg, cpu_adam=problem is None)
     reference_adapter = any(spec.adapters == "reference" for spec in plan.frozen())
     built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter)}
     for spec in plan.with_state("live", own=False):
@@ -230,7 +234,7 @@ def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path],
     t = cfg.train
     return static_logps.prepare(
         cached, splits, cfg.output_dir, cfg.model.dtype,
-        attention.attn_implementation(cfg.model.attn_implementation, t.packing, t.prefix_sharing),
+        attention.attn_implementation(cfg.model.attn_implementation, t.packing),
         cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
         collate=make_collate(t.packing, pad_id, False, cfg.data.max_length, t.prefix_sharing))
@@ -299,10 +303,11 @@ class Recipe:
         if self.resume_meta is not None:  # refuse a checkpoint of another run before building anything
             checkpoint.check_compatible(self.resume_from, self.resume_meta, self.meta)
         self.setup_data()
-        self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
-        self.path = batch_path.decide_for_run(cfg, self.paths["policy"], is_paired(self.train_set, self.eval_set),
-                                              self.plan.needs("kl_pairs"))
-        self.cfg = cfg = self.path.apply(cfg)  # everything from here reads the switches as decided
+        paired = is_paired(self.train_set, self.eval_set)
+        self.path = batch_path.decide_for_run(cfg, self.paths["policy"], paired,
+                                              "kl_pairs" in self.plugins.required_inputs(cfg))
+        self.cfg = cfg = self.path.apply(cfg)  # everything from here reads the dtype and switches as decided
+        self.plan = make_plan(cfg, self.plugins, paired_data=paired)
         if self.rank == 0:
             log.info("batch path: %s", self.path.describe())
         self.setup_models()
@@ -384,6 +389,7 @@ class Recipe:
             self.run_eval(0)
         self.batches = iter(self.sampler)
         self.meter = perf.PerfMeter(self.engines, cfg.model.dtype)
+        self.check_each_loss = nonfinite.checks_each_loss(self.policy, cfg.train.on_nonfinite)
         bar = progress_bar(cfg.train.max_steps, self.start_step, self.rank)
         teardown.register(bar.close)
         step = self.start_step
@@ -404,18 +410,18 @@ class Recipe:
         self.meter.start()
         metrics = StepMetrics()
         resume_point = (self.sampler.state_dict(), checkpoint.rng_state())  # for a stop before this step's update
-        skipped, step_ids, done = 0, [], 0
+        skipped, losses, done = 0, [], 0
         while done < cfg.train.grad_accum:
             batch = self.collate([self.train_set[i] for i in next(self.batches)])
             inputs = gather_inputs(batch, self.engines, self.train_static, cfg.train.logps_chunk_tokens)
             loss, step_metrics = total_loss(self.plugins, inputs, cfg)
-            if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
+            if self.check_each_loss and not nonfinite.loss_is_finite(loss):  # every rank agrees: all skip or stop
                 skipped = self.skip_nonfinite(step, skipped, batch, loss, resume_point)
                 continue
-            step_ids += batch.ids
+            losses.append((loss.detach(), batch.ids))
             self.policy.backward(loss)
-            if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(self.policy):
-                self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
+            if done == cfg.train.grad_accum - 1 and not nonfinite.step_is_finite(self.policy, [l for l, _ in losses]):
+                self.stop_on_nonfinite_step(step, losses, resume_point)
             self.policy.step()
             done += 1
             metrics.add(step_metrics)
@@ -462,6 +468,15 @@ class Recipe:
         if self.rank == 0:
             log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
         return skipped + 1
+
+    def stop_on_nonfinite_step(self, step: int, losses: list[tuple[torch.Tensor, list[str]]], resume_point: tuple) -> None:
+        """A non-finite loss or gradient at the step's end: stop, naming the micro-batches whose loss was not finite
+        (on any rank), else every example of the step (collective: every rank gets here together)."""
+        bad = nonfinite.ids_on_all_ranks([i for loss, ids in losses if not torch.isfinite(loss).all() for i in ids])
+        if bad:
+            self.stop_nonfinite(step, "loss", bad, resume_point)
+        self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks([i for _, ids in losses for i in ids]),
+                            resume_point)
 
     def stop_nonfinite(self, step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
         """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
@@ -570,9 +585,17 @@ def report(code: int, line: str) -> int:
     return code
 
 
+#: Collective errors that are this rank's own mistake (a tensor on the wrong device for the backend), not a lost
+#: peer: they keep their traceback, which names the cause.
+MISUSE = ("No backend type associated with device type", "backend constrained to", "ncclInvalidUsage",
+          "invalid usage", "Tensors must be CUDA", "Expected all tensors to be on the same device")
+
+
 def lost_peer(exc: BaseException) -> bool:
     """A collective failed because another rank of the job died or hung (gloo/NCCL transport error or timeout)."""
     text = str(exc)
+    if any(k in text for k in MISUSE):
+        return False
     return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo/transport", "NCCL", "Connection reset by peer",
                                                                       "Connection closed by peer", "Timed out waiting"))
 

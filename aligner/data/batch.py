@@ -145,8 +145,8 @@ class PrefixSharedBatch(Batch):
     - Attention, per pair, two query segments (``cu_seqlens`` (2B+1,) int32, row bounds): [prompt, chosen] attends
       causally to itself; [rejected] attends to [prompt K/V; rejected K/V], causal aligned bottom-right, never to
       chosen. ``kv_index`` (Lk,) lists each segment's key tokens (row positions) back to back, bounds
-      ``kv_cu_seqlens`` (2B+1,); ``q_keep`` (L,) is each row token's place in that gathered layout (the equal-length
-      form GPU varlen kernels use, :mod:`aligner.attention`).
+      ``kv_cu_seqlens`` (2B+1,). Every kernel takes the R rejected queries against their P + R keys as they are
+      (:mod:`aligner.attention`).
     - Scoring (``positions``, ``targets``, ``owner``, each (M,)): the first rejected token is predicted by the LAST
       PROMPT token's logits, the same position that predicts the first chosen token, so scoring is an explicit
       list rather than ``response_mask[:, 1:]``. Owners are 0..B-1 (chosen), B..2B-1 (rejected).
@@ -161,7 +161,6 @@ class PrefixSharedBatch(Batch):
     kv_index: torch.Tensor
     kv_cu_seqlens: torch.Tensor
     max_kv_seqlen: int
-    q_keep: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
     owner: torch.Tensor

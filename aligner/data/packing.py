@@ -82,7 +82,7 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
     """
     b = len(examples)
     tokens, positions, response = [], [], []
-    seg_bounds, kv_index, kv_bounds, q_keep = [0], [], [0], []
+    seg_bounds, kv_index, kv_bounds = [0], [], [0]
     score_pos, targets, owner, prompt_lengths = [], [], [], []
     for i, ex in enumerate(examples):
         p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
@@ -91,12 +91,10 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
         positions += _range(0, P + C) + _range(P, R)
         response += [False] * P + [True] * (C + R)
         seg_bounds += [s + P + C, s + P + C + R]
-        g1 = len(kv_index)
         kv_index += _range(s, P + C)
-        g2 = len(kv_index)
+        kv_bounds.append(len(kv_index))
         kv_index += _range(s, P) + _range(s + P + C, R)
-        kv_bounds += [g2, len(kv_index)]
-        q_keep += _range(g1, P + C) + _range(g2 + P, R)
+        kv_bounds.append(len(kv_index))
         first = 0 if P else 1  # with no prompt, a response's first token has nothing before it
         for t in range(first, C):
             score_pos.append(s + P + t - 1), targets.append(c[t]), owner.append(i)
@@ -109,7 +107,7 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
     return PrefixSharedBatch(
         input_ids=long(tokens)[None], position_ids=long(positions)[None], response_mask=torch.tensor(response)[None],
         cu_seqlens=seg, max_seqlen=int(seg.diff().max()), kv_index=long(kv_index), kv_cu_seqlens=kv,
-        max_kv_seqlen=int(kv.diff().max()), q_keep=long(q_keep), positions=long(score_pos), targets=long(targets),
+        max_kv_seqlen=int(kv.diff().max()), positions=long(score_pos), targets=long(targets),
         owner=long(owner), prompt_lengths=long(prompt_lengths), ids=[ex.id for ex in examples], n_chosen=b,
         paired=True, row_index=[*range(b), *range(b)])
 
