@@ -555,9 +555,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.gpu_mem_gib > 0 or args.gpu_mem_gib == float("inf"):
         p.error(f"--gpu-mem-gib must be a GPU's memory in GiB, a number > 0 (e.g. 80), got {args.gpu_mem_gib:g}")
-    for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
-        if value < 1:
-            p.error(f"{flag} must be >= 1, got {value}")
     return args
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger("aligner")
 _closers: list[Callable[[], None]] = []
 _after_ranks: list[Callable[[], None]] = []
 #: How long a rank waits at the end for the others to reach the end too (and rank 0 for them to leave).
-WAIT_S = 60.0
+WAIT_S = 30.0
 #: A rank says once that it is waiting, after this long.
 SAY_AFTER_S = 5.0
 ARRIVED, LEFT = "aligner/teardown/arrived", "aligner/teardown/left"

@@ -43,7 +43,7 @@ CASES = {
     "clean": (None, lambda out: [], 0),
     "data-error": ("dpo", lambda out: ["data.train=[{path: embedded:train, samples: -0.5}]"], 2),
     "rank0-error": ("dpo", lambda out: [f"output_dir={out / 'notes.txt' / 'run'}"], 2),
-    "nonfinite": (FAULTS, lambda out: ["faults.nan_loss_at=2", "faults.nan_rank=1"], 3),
+    "nonfinite": (FAULTS, lambda out: ["faults.nan_loss_at=2", "faults.nan_rank=1", "data.eval=null"], 3),
     "preempted": (FAULTS, lambda out: ["faults.signal_at_step=2"], 5),
 }
 

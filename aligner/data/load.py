@@ -39,7 +39,8 @@ def load_rows(spec: str, split: str | None = None, subset: str | None = None, de
     """Load one split of ``spec`` (see the module doc) as a ``datasets.Dataset``.
 
     ``split`` / ``subset`` ``None``: not given (a dataset with splits gives ``default_split``). Given for a dataset
-    that has neither (a single file, the embedded task, a saved ``Dataset``), they are refused rather than ignored;
+    that has neither (a single file, the embedded task, a saved ``Dataset``), they are refused rather than ignored
+    (but for the split ``train``, the one such a dataset is);
     ``keys`` names them in that message (e.g. ``data.train_split``, ``data.subset``).
     """
     if spec.startswith(EMBEDDED):
@@ -66,8 +67,9 @@ def load_rows(spec: str, split: str | None = None, subset: str | None = None, de
 
 
 def _refuse_unused(spec: str, kind: str, split: str | None, subset: str | None, keys: tuple[str, str]) -> None:
-    """A split or subset named for a dataset that has none would be ignored, and the run would train on all of it."""
-    if split is not None:
+    """A split or subset named for a dataset that has none would be ignored, and the run would train on all of it
+    (``train`` is the one split a single file has: that name is fine)."""
+    if split is not None and split != "train":
         raise DataError(f"{keys[0]}={split!r}: dataset {spec} is {kind}, with no splits to choose from, so the whole "
                         f"of it would be read; remove {keys[0]}, or point at a dataset folder or Hub ID that has "
                         f"the split '{split}'")

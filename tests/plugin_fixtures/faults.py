@@ -93,9 +93,9 @@ class Faults:
         cfg = config.section("faults")
         (directory / "faults").mkdir(parents=True, exist_ok=True)
         (directory / "faults" / f"rank{_rank()}.txt").write_text(str(self.micro_batches))
-        if directory.name == f"step_{cfg.kill_in_save_at}" and _rank() == cfg.kill_rank:
+        if cfg.kill_in_save_at and directory.name == f"step_{cfg.kill_in_save_at}" and _rank() == cfg.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
-        if directory.name == f"step_{cfg.signal_in_save_at}" and _rank() == cfg.kill_rank:
+        if cfg.signal_in_save_at and directory.name == f"step_{cfg.signal_in_save_at}" and _rank() == cfg.kill_rank:
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(cfg.save_sleep_s)
 
