@@ -7,11 +7,14 @@ to finish the step and save), or when two users type the same path. So global
 rank 0 of every job (one lock per job, however many nodes) holds
 ``output_dir/aligner.lock``, a JSON file::
 
-    {"host": ..., "pid": ..., "pid_start": ..., "started": ..., "heartbeat": ..., "token": ..., "world_size": ...}
+    {"host": ..., "pid": ..., "pid_start": ..., "started": ..., "token": ..., "world_size": ...}
 
-- It is created with ``O_CREAT | O_EXCL``, so of two jobs starting at once exactly one gets it.
-- A thread rewrites ``heartbeat`` (the holder's wall clock) every :data:`HEARTBEAT_S`
-  seconds; each rewrite first checks that the file still holds this job's ``token``.
+- It is written whole and then linked into place (``link`` fails when the target exists,
+  as ``O_EXCL`` does), so of two jobs starting at once exactly one gets it.
+- The heartbeat is the file's modification time: a thread touches it every
+  :data:`HEARTBEAT_S` seconds while the file holds this job's ``token``. It never
+  rewrites the file, so it cannot overwrite a lock another job has taken over
+  (touching that one by a race only makes a live job's lock look live).
 - A second job is refused (exit 2) with the holder's host, pid, start time and last
   heartbeat. ``--resume auto`` instead waits up to ``train.lock_wait_s`` for the holder
   to finish (the relaunch case), then is refused the same way.
@@ -76,9 +79,14 @@ def read(path: Path) -> dict[str, Any] | None:
         text = ""
     try:
         holder = json.loads(text)
-        return holder if isinstance(holder, dict) else {}
-    except ValueError:  # a holder that died between creating and writing it
-        return {"heartbeat": path.stat().st_mtime} if path.exists() else None
+        holder = holder if isinstance(holder, dict) else {}
+    except ValueError:  # not written by aligner (the lock is linked in whole): judged by its age alone
+        holder = {}
+    try:
+        holder["heartbeat"] = path.stat().st_mtime  # touched by the holder's heartbeat thread
+    except FileNotFoundError:
+        return None
+    return holder
 
 
 def stale_reason(holder: dict[str, Any], now: float | None = None) -> str | None:
@@ -136,9 +144,8 @@ class JobLock:
                     log.error("the job lock %s no longer names this job (another job took it over); stop one of the "
                               "two jobs", self.path)
                     return
-                self.holder["heartbeat"] = time.time()
-                _write(self.path.with_name(f".{LOCK_NAME}.{self.token}"), self.holder, replace=self.path)
-            except OSError as exc:  # a full disk or a lost mount: the next beat tries again
+                os.utime(self.path)
+            except OSError as exc:  # a lost mount: the next beat tries again
                 log.warning("could not refresh the job lock %s: %s", self.path, exc)
 
     def release(self) -> None:
@@ -152,25 +159,21 @@ class JobLock:
             log.warning("could not remove the job lock %s: %s", self.path, exc)
 
 
-def _write(tmp: Path, holder: dict[str, Any], replace: Path | None = None, exclusive: Path | None = None) -> None:
-    """Write ``holder`` to ``tmp``, then move it onto ``replace`` (a rename) or ``exclusive`` (a link: fails if there)."""
+def _write_exclusive(tmp: Path, holder: dict[str, Any], path: Path) -> None:
+    """Write ``holder`` to ``tmp``, then link it to ``path``: atomic, and FileExistsError when ``path`` exists."""
     with tmp.open("w") as f:
         f.write(json.dumps(holder, indent=1))
         f.flush()
         os.fsync(f.fileno())
     try:
-        if replace is not None:
-            os.replace(tmp, replace)
-        else:
-            os.link(tmp, exclusive)  # atomic, and fails when the target exists: O_EXCL for a whole written file
+        os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def new_holder(world_size: int) -> dict[str, Any]:
-    now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()), "started": now,
-            "heartbeat": now, "token": uuid.uuid4().hex, "world_size": world_size}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+            "started": time.time(), "token": uuid.uuid4().hex, "world_size": world_size}
 
 
 def try_acquire(output_dir: str | Path, world_size: int = 1) -> tuple[JobLock | None, dict[str, Any] | None]:
@@ -179,7 +182,7 @@ def try_acquire(output_dir: str | Path, world_size: int = 1) -> tuple[JobLock | 
     for _ in range(5):  # each pass either wins, meets a live holder, or saw the lock change under it
         mine = new_holder(world_size)
         try:
-            _write(path.with_name(f".{LOCK_NAME}.{mine['token']}"), mine, exclusive=path)
+            _write_exclusive(path.with_name(f".{LOCK_NAME}.{mine['token']}"), mine, path)
             return JobLock(path, mine), None
         except FileExistsError:
             pass

@@ -48,10 +48,13 @@ def gone_pid() -> int:
     return proc.pid
 
 
-def write_lock(out: Path, **holder) -> dict:
+def write_lock(out: Path, beat_ago: float = 0.0, **holder) -> dict:
+    """Another job's lock, its heartbeat (the file's modification time) ``beat_ago`` seconds old."""
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": joblock.pid_start(os.getpid()),
-              "started": time.time(), "heartbeat": time.time(), "token": "theirs", "world_size": 1, **holder}
-    joblock.lock_path(out).write_text(json.dumps(holder))
+              "started": time.time(), "token": "theirs", "world_size": 1, **holder}
+    path = joblock.lock_path(out)
+    path.write_text(json.dumps(holder))
+    os.utime(path, (time.time() - beat_ago, time.time() - beat_ago))
     return holder
 
 
@@ -61,7 +64,7 @@ def test_the_first_job_gets_the_lock_and_a_second_is_refused_naming_the_first(tm
     try:
         written = json.loads(joblock.lock_path(tmp_path).read_text())
         assert written["host"] == socket.gethostname() and written["pid"] == os.getpid() and written["world_size"] == 4
-        assert written["pid_start"] == joblock.pid_start(os.getpid()) and written["started"] <= written["heartbeat"]
+        assert written["pid_start"] == joblock.pid_start(os.getpid()) and written["started"] <= time.time()
         second, live = joblock.try_acquire(tmp_path)  # this process is alive: its lock is not stale
         assert second is None and live["token"] == lock.token
         message = str(joblock.refusal(joblock.lock_path(tmp_path), live, None))
@@ -92,9 +95,9 @@ def test_a_reused_pid_is_not_the_holder(tmp_path):
 
 
 def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_stopped(tmp_path):
-    write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - 5)
+    write_lock(tmp_path, beat_ago=5, host="elsewhere")
     assert joblock.try_acquire(tmp_path)[0] is None  # alive for all we know
-    write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - joblock.STALE_S - 1)
+    write_lock(tmp_path, beat_ago=joblock.STALE_S + 1, host="elsewhere")
     lock, holder = joblock.try_acquire(tmp_path)
     assert holder is None
     lock.release()
@@ -119,22 +122,25 @@ def test_of_several_jobs_taking_over_a_stale_lock_at_once_exactly_one_wins(tmp_p
     winners[0].release()
 
 
-def test_the_heartbeat_refreshes_the_lock_and_release_leaves_another_jobs_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(joblock, "HEARTBEAT_S", 0.05)
+def test_the_heartbeat_refreshes_the_lock_and_never_overwrites_another_jobs_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(joblock, "HEARTBEAT_S", 0.02)
     lock, _ = joblock.try_acquire(tmp_path)
-    first = json.loads(joblock.lock_path(tmp_path).read_text())["heartbeat"]
-    time.sleep(0.5)
-    assert json.loads(joblock.lock_path(tmp_path).read_text())["heartbeat"] > first
-    write_lock(tmp_path, token="another job's")  # taken over while this job seemed gone
-    time.sleep(0.2)
+    path = joblock.lock_path(tmp_path)
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    time.sleep(0.3)
+    assert time.time() - joblock.read(path)["heartbeat"] < 5  # touched again
+    for _ in range(20):  # taken over while this job seemed gone, while its heartbeat runs
+        write_lock(tmp_path, token="another job's")
+        time.sleep(0.01)
+    time.sleep(0.1)
     lock.release()
-    assert json.loads(joblock.lock_path(tmp_path).read_text())["token"] == "another job's"
+    assert json.loads(path.read_text())["token"] == "another job's"
 
 
 def test_hold_waits_for_the_holder_up_to_lock_wait_s_then_refuses(tmp_path, monkeypatch):
     monkeypatch.setattr(joblock, "POLL_S", 0.1)
     write_lock(tmp_path)  # a live holder: this very process
-    with pytest.raises(joblock.LockError, match=r"is in use by another job .*\(waited 0 s for it to finish, "
+    with pytest.raises(joblock.LockError, match=r"is in use by another job .*\(waited \d+ s for it to finish, "
                                                 r"train.lock_wait_s\)"):
         joblock.hold(tmp_path, wait_s=0.3, world_size=1)
     threading.Timer(0.5, joblock.lock_path(tmp_path).unlink).start()  # the holder finishes
