@@ -400,25 +400,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated groups or case names, or 'here' (the cases CI does not run); "
                                   "default: all")
     p.add_argument("--no-write", action="store_true", help="print the table only (default: also into RESULTS.md)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds before a case counts as a hang")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a case counts as a hang (the 2-core "
+                                                                  "machine under other sessions' load needs minutes)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     wanted = {w.strip() for w in (args.only or "").split(",") if w.strip()}
     cases = [c for c in CASES if not wanted or c.group in wanted or c.name in wanted
              or ("here" in wanted and c.stage is None)]
-    table = ["| # | group | case | exit (expected) | message | verdict | CI |", "|---|---|---|---|---|---|---|"]
+    table = ["| # | group | case | exit (expected) | message | verdict | wall s | CI |", "|---|---|---|---|---|---|---|---|"]
     counts = {"good": 0, "poor": 0, "bad": 0}
     loads = []
     for i, case in enumerate(cases, 1):
         loads.append(os.getloadavg()[0])
         with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+            started = time.perf_counter()
             code, text = run_case(case, Path(tmp), args.timeout)
+            wall = time.perf_counter() - started
             judged = verdict(case, code, text, Path(tmp))
             said = message(text).replace(tmp, "<tmp>").replace("|", "\\|")
         counts[judged] += 1
         expected = " or ".join(map(str, case.code)) if isinstance(case.code, tuple) else case.code
         table.append(f"| {i} | {case.group} | {case.name} | {code} ({expected}) | `{said}` | {judged} | "
-                     f"{'in-process' if case.stage else 'here only'} |")
+                     f"{wall:.0f} | {'in-process' if case.stage else 'here only'} |")
         print(table[-1], flush=True)
     summary = (f"{len(cases)} cases: {counts['good']} good, {counts['poor']} poor, {counts['bad']} bad "
                f"(1-min load average {min(loads):.1f}-{max(loads):.1f}, 2 cores).")
