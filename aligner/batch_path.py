@@ -133,8 +133,8 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     dtype = resolve_dtype(cfg.model.dtype, cuda)
     fallbacks: list[str] = []
-    packing = t.packing
-    if packing and not (paired and not kl_pairs):
+    packing, pairs_only = t.packing, paired and not kl_pairs
+    if packing and not pairs_only and t.sequence_parallel == 1:  # under SP they are packed (pack_batch) and sharded
         packing = False
         fallbacks.append("padded: unpaired/KTO batches (kl_pairs) are padded")
     softcap = getattr(model_config, "attn_logit_softcapping", None)
@@ -150,7 +150,7 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
     if requested_attn.startswith("flash_attention") and dtype not in ("bfloat16", "float16"):
         raise ConfigError(f"model.attn_implementation={requested_attn} takes fp16/bf16 weights only, and model.dtype is "
                           f"{dtype}; set model.dtype: bfloat16 (or auto on a GPU), or model.attn_implementation: auto")
-    sharing = packing and t.prefix_sharing
+    sharing = packing and t.prefix_sharing and pairs_only
     if sharing and requested_attn not in ("auto", "varlen"):
         sharing = False
         fallbacks.append(f"no prefix sharing: model.attn_implementation={requested_attn} masks from position ids; "
@@ -167,7 +167,12 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
         kernel = attention.SDPA_SEGMENTS
         if cuda:
             window = getattr(model_config, "sliding_window", None)
-            kernel, kernel_fallbacks = attention.choose_kernel(getattr(torch, dtype), *attention_shape(model_config),
+            heads, kv_heads, head_dim = attention_shape(model_config)
+            if t.sequence_parallel > 1:  # each rank's kernel runs its share of the heads (aligner/sequence_parallel.py)
+                from aligner.sequence_parallel import local_heads
+
+                heads, kv_heads = local_heads(heads, kv_heads, t.sequence_parallel)
+            kernel, kernel_fallbacks = attention.choose_kernel(getattr(torch, dtype), heads, kv_heads, head_dim,
                                                                window, candidates=kernels)
         kernel = kernel.name
     return BatchPath(packing, sharing, chunk, attn, kernel, dtype, tuple(fallbacks), tuple(kernel_fallbacks))

@@ -192,9 +192,12 @@ class TrainConfig:
     #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
     #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
     lock_wait_s: float = 600.0
+    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
+    #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "sequence_parallel"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
         _positive("train.dist_timeout_s", self.dist_timeout_s)

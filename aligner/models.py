@@ -263,9 +263,11 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
-def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False):
+def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False,
+                        mpu: Any = None):
     """The policy's training engine; under ``model.lora`` a ``PeftModel`` whose adapters alone train
-    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py)."""
+    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py). ``mpu``: DeepSpeed's
+    sequence-parallel groups (aligner/sequence_parallel.py), or None."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -282,14 +284,16 @@ def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], ref
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_conf,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        mpu=mpu,
     )
     return engine
 
 
-def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp32: bool = False):
+def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp32: bool = False, mpu: Any = None):
     """A ZeRO inference engine for the reference or the anchor (no optimizer, no gradients).
 
-    ``fp32=True`` loads the weights in fp32 (pair it with ``frozen_deepspeed_config(..., fp32=True)``).
+    ``fp32=True`` loads the weights in fp32 (pair it with ``frozen_deepspeed_config(..., fp32=True)``);
+    ``mpu`` as for :func:`build_policy_engine`.
     """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -297,6 +301,6 @@ def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp3
     hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
     model = load_model(path, cfg, "float32" if fp32 else None)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_conf)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_conf, mpu=mpu)
     engine.eval()
     return engine

@@ -93,7 +93,8 @@ class PerfMeter:
         """Add one micro-batch (padded or packed) to the current step."""
         lengths = batch.sequence_lengths().double()
         self.tokens += batch.real_tokens()
-        self.flops += float((6 + 2 * self.n_frozen) * (self.n_params * lengths + self.attn_per_token2 * lengths**2).sum())
+        flops = (6 + 2 * self.n_frozen) * (self.n_params * lengths + self.attn_per_token2 * lengths**2).sum()
+        self.flops += batch.work_share * float(flops)  # a sequence-parallel rank does 1/N of its row's work
 
     def step_metrics(self, elapsed: float) -> dict[str, float]:
         """The step's ``perf/*`` values over all ranks (a collective: every rank calls it), then reset."""

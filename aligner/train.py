@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, batch_path, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
+from aligner import (attention, batch_path, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
+                     sequence_parallel, static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
 from aligner.eval import evaluate
@@ -196,9 +197,9 @@ def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
     return paths
 
 
-def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> Engines:
+def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=None) -> Engines:
     """The policy's training engine and an inference engine for each ``live`` model of the plan; a model that
-    ``shares`` another's is that engine."""
+    ``shares`` another's is that engine. ``mpu``: DeepSpeed's sequence-parallel groups (aligner/sequence_parallel.py)."""
     from aligner.lora import REFERENCE_ADAPTER, PolicyView
 
     problem = models.host_adam_problem() if cfg.train.offload_optimizer else "not offloaded"
@@ -207,7 +208,7 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> En
                  f"torch.optim.AdamW, the slow fallback ({problem})")
     ds_conf = models.deepspeed_config(cfg, cpu_adam=problem is None)
     reference_adapter = any(spec.adapters == "reference" for spec in plan.frozen())
-    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter)}
+    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter, mpu)}
     for spec in plan.with_state("live", own=False):
         if spec.shares == "policy":  # under LoRA: the policy engine, its adapters off or switched (aligner/lora.py)
             built[spec.name] = PolicyView(built["policy"], REFERENCE_ADAPTER if spec.adapters == "reference" else None)
@@ -220,24 +221,28 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> En
                      "own (a second copy of the weights)", spec.name, spec.source)
         fp32 = spec.dtype == "float32"  # a moved reference (aligner/trust_region.py: bf16 loses small updates)
         built[spec.name] = models.build_frozen_engine(paths[spec.name], cfg, models.frozen_deepspeed_config(ds_conf, fp32=fp32),
-                                                      fp32=fp32)
+                                                      fp32=fp32, mpu=mpu)
     return Engines(**built)
 
 
 def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], splits: dict,
-                        pad_id: int) -> dict[str, static_logps.StaticLogps]:
-    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one)."""
+                        pad_id: int, layout: sequence_parallel.Layout | None = None) -> dict[str, static_logps.StaticLogps]:
+    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one); under
+    sequence parallelism (``layout``) the pre-pass shards its rows like the steps."""
     cached = {spec.name: paths[spec.name] for spec in plan.with_state("cached", own=False)}
     if not cached:
         return {}
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
     t = cfg.train
+    layout = layout or sequence_parallel.Layout()
     return static_logps.prepare(
         cached, splits, cfg.output_dir, cfg.model.dtype,
         attention.attn_implementation(cfg.model.attn_implementation, t.packing),
-        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
+        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf,
+                                                                                          mpu=layout.mpu),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
-        collate=make_collate(t.packing, pad_id, False, cfg.data.max_length, t.prefix_sharing))
+        collate=sequence_parallel.shard_collate(make_collate(t.packing, pad_id, False, cfg.data.max_length,
+                                                             t.prefix_sharing, layout.size > 1), pad_id, layout))
 
 
 def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str, dict]:
@@ -264,7 +269,7 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
             "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage,
-            "lora": cfg.to_dict()["model"]["lora"]}
+            "lora": cfg.to_dict()["model"]["lora"], "sequence_parallel": cfg.train.sequence_parallel}
 
 
 def is_paired(*splits: list) -> bool:
@@ -289,6 +294,7 @@ class Recipe:
         launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
         models.init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = rank_and_world()
+        self.layout = sequence_parallel.layout_for(cfg, self.rank, self.world)  # refuses what cannot be sharded
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
@@ -310,19 +316,25 @@ class Recipe:
         self.plan = make_plan(cfg, self.plugins, paired_data=paired)
         if self.rank == 0:
             log.info("batch path: %s", self.path.describe())
+        self.layout = sequence_parallel.setup(cfg, self.path, self.paths["policy"], self.layout)
+        if self.rank == 0 and self.layout.size > 1:
+            log.info("sequence parallel: %s", self.layout.describe())
         self.setup_models()
         self.start_step = self.restore() if self.resume_from is not None else 0
         self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
         teardown.register(self.tb.close)
-        self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
-                                    cfg.train.prefix_sharing)
+        self.collate = sequence_parallel.shard_collate(
+            make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
+                         cfg.train.prefix_sharing, self.layout.size > 1), self.pad_id, self.layout)
         return self
 
     def setup_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
         try:  # too few rows for one step: the same on every rank, before any engine is built
-            self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world,
+            # The data is sharded over the data-parallel groups: the ranks that share a sequence draw alike.
+            self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.layout.dp_rank,
+                                       self.layout.dp_world,
                                        cfg.train.seed, cfg.data.shuffle,
                                        example_lengths(self.train_set) if cfg.train.balance_ranks else None)
         except ValueError as exc:
@@ -343,8 +355,9 @@ class Recipe:
     def setup_models(self) -> None:
         """The static caches first (their pre-pass runs before the policy exists), then the engines."""
         static = cache_static_models(self.cfg, self.plan, self.paths,
-                                     {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id)
-        self.engines = build_engines(self.cfg, self.plan, self.paths)
+                                     {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id,
+                                     self.layout)
+        self.engines = build_engines(self.cfg, self.plan, self.paths, self.layout.mpu)
         self.policy = self.engines.policy
         self.train_static = {name: cache.split("train") for name, cache in static.items()}
         self.eval_static = {name: cache.split("eval") for name, cache in static.items()}

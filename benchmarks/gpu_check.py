@@ -20,7 +20,8 @@ hold is skipped with that reason. The rows:
    reference moved every step; LoRA ``dpo,tr_soft``; ``kto``.
 4. ``step speed``: benchmarks/step_speed.py's default, unshared and naive rows (tok/s, MFU, peak memory).
 5. ``8B LoRA``: benchmarks/lora_8b.sh, 3 steps of ``dpo,tr_soft,flipguard`` at 32 layers (no size search).
-6. ``2 GPUs``: with two or more GPUs, a 2-rank ``dpo`` run (it runs fourth, before the slow rows).
+6. ``2 GPUs``: with two or more GPUs, a 2-rank ``dpo`` run and the same with ``train.sequence_parallel=2`` (it
+   runs fourth, before the slow rows).
 
 On a machine without a GPU every phase after the first is skipped ("no GPU"), so the script itself is checked
 on CPU (tests/test_gpu_check.py).
@@ -236,8 +237,11 @@ def phase_two_gpus(deadline: float) -> dict:
     if torch.cuda.device_count() < 2:
         return {"status": f"skipped: {torch.cuda.device_count()} GPU(s)"}
     work = Path(tempfile.mkdtemp(prefix="aligner-gpu-check-2-"))
-    row = launched_run("dpo", "dpo", [], ("dpo/loss", LN2), 2, work, deadline - time.monotonic())
-    return {"status": "ok" if row.get("pass") else "FAILED", "rows": [row]}
+    rows = [launched_run("dpo", "dpo", [], ("dpo/loss", LN2), 2, work, deadline - time.monotonic())]
+    # Ulysses sequence parallelism over both GPUs (one data-parallel group): the same global batch as the 1-GPU run
+    rows.append(launched_run("dpo-sp2", "dpo", ["train.sequence_parallel=2"], ("dpo/loss", LN2), 2, work,
+                             deadline - time.monotonic()))
+    return {"status": "ok" if all(r.get("pass") for r in rows) else "FAILED", "rows": rows}
 
 
 def phase_step_speed(deadline: float) -> dict:
