@@ -169,9 +169,10 @@ class Job:
         self.procs: list[subprocess.Popen] = []
         for r, log in enumerate(self.logs):
             with log.open("w") as f:
+                group = 0 if r == 0 else self.procs[0].pid  # one process group: rank 0's (Popen(process_group=) is 3.11+)
                 self.procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                                                    stdout=f, stderr=subprocess.STDOUT,
-                                                   process_group=0 if r == 0 else self.procs[0].pid))
+                                                   preexec_fn=lambda g=group: os.setpgid(0, g)))
 
     def text(self, rank: int = 0) -> str:
         return self.logs[rank].read_text()
