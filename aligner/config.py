@@ -109,11 +109,12 @@ class DataConfig:
     train: str | list[Any] = "embedded:train"
     #: Same forms as ``train``; ``null`` for no evaluation.
     eval: str | list[Any] | None = "embedded:eval"
-    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``).
-    train_split: str = "train"
-    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``).
-    eval_split: str = "test"
-    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several.
+    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``); ``null``: ``train``.
+    #: Refused for a dataset without splits (a single file), where it would be ignored.
+    train_split: str | None = None
+    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``); ``null``: ``test``.
+    eval_split: str | None = None
+    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several; refused for a single file.
     subset: str | None = None
     #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``.
     columns: dict[str, str] | None = None
@@ -201,6 +202,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
+    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
+    #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
+    lock_wait_s: float = 600.0
     #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
     #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
     sequence_parallel: int = 1
@@ -212,7 +216,7 @@ class TrainConfig:
         _positive("train.dist_timeout_s", self.dist_timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last",
-                    "save_every_minutes"):
+                    "save_every_minutes", "lock_wait_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
@@ -370,7 +374,7 @@ def build_config(
             raise ConfigError(f"{source}: section '{key}' configures {inactive_sections[key]}, or remove the section")
         else:
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
-            raise ConfigError(f"{source}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
+            raise ConfigError(f"{origin(key)}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
     for key, cls in plugin_sections.items():
         sections.setdefault(key, _build_section(cls, {}, key, origin))
     return RunConfig(**kwargs, sections=sections)
@@ -386,25 +390,26 @@ class _Origin:
         return f"--set {self.overridden[key]}" if key in self.overridden else self.source
 
     def of_message(self, message: str, prefix: str, names: set[str]) -> str:
-        """The origin of the first key of section ``prefix`` that a validation message names."""
+        """The origin of the first key of section ``prefix`` that a validation message names, as ``prefix.key`` or
+        (a plugin's own check, e.g. ``weight must be ...``) as the bare key."""
         named = [(message.find(f"{prefix}.{n}"), -len(n), n) for n in names if f"{prefix}.{n}" in message]
+        if not named:
+            named = [(m.start(), -len(n), n) for n in names if (m := re.search(rf"(?<![\w.]){re.escape(n)}\b", message))]
         return self(f"{prefix}.{min(named)[2]}") if named else self.source  # the longest at the first place
 
 
 def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
-    source = origin.source
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{source}: '{prefix}' must be a mapping of options, got {value!r}")
+        raise ConfigError(f"{origin(prefix)}: '{prefix}' must be a mapping of options, got {value!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, item in value.items():
         if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"{origin(f'{prefix}.{key}')}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are "
+                              f"{', '.join(sorted(names))}")
         kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"), origin)
     try:
         return cls(**kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import (attention, batch_path, card, checkpoint, lockstep, models, nonfinite, perf, preempt,
+from aligner import (attention, batch_path, card, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
                      sequence_parallel, static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
@@ -26,7 +26,7 @@ from aligner.eval import evaluate
 from aligner.hookspecs import DatasetSummary, Engines, RunStart, RunSummary
 from aligner.loggers import LoggerError, Loggers
 from aligner.logging import StepMetrics, progress_bar, reduce_mean
-from aligner.losses import pair_only_losses
+from aligner.losses import check_weights, pair_only_losses
 from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
 from aligner.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
 from aligner.registry import (ActivePlugins, PluginError, PluginHookError, activate, inactive_sections,
@@ -41,7 +41,7 @@ MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 #: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
 USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
-               static_logps.StaticCacheError, checkpoint.CheckpointError, LoggerError)
+               static_logps.StaticCacheError, checkpoint.CheckpointError, LoggerError, joblock.LockError)
 
 
 class RunError(RuntimeError):
@@ -83,20 +83,44 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     sections = plugins.config_sections()
     inactive = inactive_sections(plugins)
     overridden = {item.partition("=")[0].strip(): item for item in overrides}
-    return build_config(raw, sections, inactive, source=str(config_path), overridden=overridden), plugins
+    cfg = build_config(raw, sections, inactive, source=str(config_path), overridden=overridden)
+    check_weights(plugins, cfg)
+    return cfg, plugins
 
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def claim_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int) -> Path | None:
+    """Collective: check ``output_dir``, take its job lock (released at teardown, aligner/joblock.py), and return the
+    checkpoint to resume from, its files verified, if any. Rank 0 does the work; its errors are every rank's."""
+    lockstep.on_rank_zero(lambda: open_output_dir(cfg, args), USER_ERRORS + (RunError,))
+    lock = joblock.hold(cfg.output_dir, cfg.train.lock_wait_s if args.resume == "auto" else 0.0, world)
+    if lock is not None:
+        teardown.register(lock.release, after_ranks=True)
+    resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, args, rank), USER_ERRORS + (RunError,))
+    if resume_from is None:
+        return None
+    return checkpoint.verified_resume(resume_from, args.resume == "auto", cfg.output_dir)  # before anything is loaded
+
+
+def open_output_dir(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Rank 0, before the job lock: ``--resume auto`` on a folder that never held a run is refused (a typo in
+    output_dir must not silently retrain from scratch); any other run creates the folder."""
+    out = Path(cfg.output_dir)
+    if args.resume != "auto":
+        make_output_dir(out)
+    elif not (checkpoint.list_checkpoints(out) or (out / "config.json").is_file() or joblock.lock_path(out).is_file()):
+        raise no_run_to_resume(out)
+
+
 def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> Path | None:
-    """Refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
+    """Under the job lock: refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
         return resume_auto(out)
-    make_output_dir(out)
     if args.resume:
         path = Path(args.resume)
         checkpoint.read_meta(path)  # refuses a missing or half-written folder
@@ -119,14 +143,16 @@ def resume_auto(out: Path) -> Path | None:
     that never held a run is refused (a typo in output_dir must not silently retrain from scratch)."""
     latest = checkpoint.latest_checkpoint(out)
     if latest is None and not (out / "config.json").is_file():
-        raise RunError(
-            f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
-            f"output_dir for a typo, or leave out --resume to start a new run there"
-        )
+        raise no_run_to_resume(out)
     if latest is None:
         log.warning("--resume auto: no checkpoint in %s yet (the run there stopped before its first save); "
                     "starting from step 0", out)
     return latest
+
+
+def no_run_to_resume(out: Path) -> RunError:
+    return RunError(f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
+                    f"output_dir for a typo, or leave out --resume to start a new run there")
 
 
 def make_output_dir(out: Path) -> Path:
@@ -276,9 +302,7 @@ class Recipe:
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
-        # Rank 0 checks the folder while the others wait; its errors are theirs.
-        self.resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, self.args, self.rank),
-                                                 USER_ERRORS + (RunError,))
+        self.resume_from = claim_output_dir(cfg, self.args, self.rank, self.world)
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
@@ -600,13 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
     except PushError as exc:
         code = report(EXIT_PUSH_FAILED, f"aligner: trained, but the push to the Hub failed: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C before the stop handling was installed (aligner/preempt.py): nothing to save
+        code = report(preempt.EXIT_INTERRUPTED, "aligner: interrupted (Ctrl-C) while starting; nothing was saved")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):
             raise
         print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
         code = 4
     finally:
-        teardown.shutdown(clean=code in (0, preempt.EXIT_PREEMPTED, EXIT_PUSH_FAILED))
+        teardown.shutdown(min(teardown.WAIT_S, cfg.train.dist_timeout_s) if cfg is not None else teardown.WAIT_S)
     return code
 
 

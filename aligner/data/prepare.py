@@ -45,23 +45,34 @@ PARALLEL_MIN_ROWS = 10_000
 
 @dataclass(frozen=True)
 class Source:
-    """One dataset of a split: where it is, which split/subset, how many rows, how its columns are named."""
+    """One dataset of a split: where it is, which split/subset, how many rows, how its columns are named.
+
+    ``split`` / ``subset`` ``None``: not given (``default_split`` is read where there are splits); ``keys`` are the
+    config keys they came from, for the message that refuses them on a dataset without splits or subsets.
+    """
 
     path: str
-    split: str
+    split: str | None
     subset: str | None
     samples: float | None
     columns: dict | None
+    default_split: str = "train"
+    keys: tuple[str, str] = ("data.train_split", "data.subset")
 
     @property
     def label(self) -> str:
-        return self.path if self.split in ("train", None) else f"{self.path} [{self.split}]"
+        split = self.split or self.default_split
+        return self.path if split == "train" or self.split is None else f"{self.path} [{split}]"
 
 
-def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key: str) -> list[Source]:
-    """The sources of ``data.train`` / ``data.eval``: one name, or a list of mixture entries."""
+def sources(spec: Any, split: str | None, subset: str | None, columns: dict | None, key: str) -> list[Source]:
+    """The sources of ``data.train`` / ``data.eval``: one name, or a list of mixture entries.
+
+    ``split``: ``data.train_split`` / ``data.eval_split`` (``None``: the ``train`` / ``test`` split where there are splits).
+    """
+    default_split, split_key = ("test", "data.eval_split") if key == "data.eval" else ("train", "data.train_split")
     if isinstance(spec, str):
-        return [Source(spec, split, subset, None, columns)]
+        return [Source(spec, split, subset, None, columns, default_split, (split_key, "data.subset"))]
     out = []
     for i, entry in enumerate(spec):
         if isinstance(entry, str):
@@ -74,8 +85,10 @@ def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples <= 0
                                     or (isinstance(samples, float) and samples > 1)):
             raise DataError(f"{key}[{i}].samples: {samples!r}; give a row count (an integer >= 1) or a fraction in (0, 1]")
+        keys = (f"{key}[{i}].split" if "split" in entry else split_key,
+                f"{key}[{i}].subset" if "subset" in entry else "data.subset")
         out.append(Source(entry["path"], entry.get("split", split), entry.get("subset", subset), samples,
-                          entry.get("columns", columns)))
+                          entry.get("columns", columns), default_split, keys))
     if not out:
         raise DataError(f"{key} is an empty list; name a dataset, or list mixture entries")
     return out
@@ -83,7 +96,7 @@ def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key
 
 def load_source(src: Source, seed: int) -> datasets.Dataset:
     """Load a source, rename its columns by ``columns`` and draw its ``samples``."""
-    rows = load_rows(src.path, src.split, src.subset)
+    rows = load_rows(src.path, src.split, src.subset, src.default_split, src.keys)
     rename = column_mapping(src.columns, list(rows.column_names), src.label)
     if rename:
         rows = rows.select_columns(list(rename)).rename_columns(rename)

@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from aligner.data.formats import RowError, detect_paired, is_conversational, paired_parts, unpaired_parts
+from aligner.data.formats import RowError, check_messages, detect_paired, is_conversational, paired_parts, unpaired_parts
 from aligner.data.load import DataError
 
 log = logging.getLogger(__name__)
@@ -81,23 +81,6 @@ class Encoded:
     responses: list[list[int]]
     label: bool | None
     truncated: bool
-
-
-def _check_messages(column: str, value: Any) -> list[dict]:
-    """The messages of ``column`` without their null keys; each has a string role, and string content or tool calls."""
-    if not isinstance(value, list) or not value:
-        raise RowError(column, "is an empty message list" if isinstance(value, list) else
-                       f"must be a list of chat messages like the other columns, got {type(value).__name__}")
-    out = []
-    for i, msg in enumerate(value):
-        msg = {k: v for k, v in msg.items() if v is not None} if isinstance(msg, dict) else msg
-        calls = isinstance(msg, dict) and isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not (
-                isinstance(msg.get("content"), str) or (calls and "content" not in msg)):
-            raise RowError(column, f"message {i} must be a mapping with string 'role' and 'content' (or, for a tool "
-                                   f"call, 'tool_calls' and no content), got {msg!r}")
-        out.append(msg)
-    return out
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -148,7 +131,7 @@ def render_row(row: dict, tokenizer: Any, paired: bool,
         prompt, responses, label = unpaired_parts(row)
         names = ("completion",)
     if is_conversational(prompt):
-        prompt, *responses = [_check_messages(c, v) for c, v in zip(("prompt", *names), (prompt, *responses))]
+        prompt, *responses = [check_messages(c, v) for c, v in zip(("prompt", *names), (prompt, *responses))]
         if not getattr(tokenizer, "chat_template", None):
             raise RowError("prompt", "is a chat conversation but the model's tokenizer has no chat template; give "
                                      "string rows, set model.chat_template, or use a tokenizer with a chat_template")
