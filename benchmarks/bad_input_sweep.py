@@ -140,7 +140,7 @@ CASES: list[Case] = [
     Case("negative lock_wait_s", "config", sets("train.lock_wait_s=-1"), 2,
          "--set train.lock_wait_s=-1: train.lock_wait_s must be >= 0, got -1", "main"),
     # -- plugin names --------------------------------------------------------------------------------------------
-    Case("unknown plugin", "plugins", lambda t: ["--plugins", "dpoo"], 2, "unknown plugin 'dpoo'.\navailable plugins:",
+    Case("unknown plugin", "plugins", lambda t: ["--plugins", "dpoo"], 2, "unknown plugin 'dpoo' in --plugins.\navailable plugins:",
          "main"),
     Case("empty --plugins", "plugins", lambda t: ["--plugins", ""], 2, "--plugins '' names no plugin", "main"),
     Case("a plugin twice", "plugins", lambda t: ["--plugins", "dpo,dpo"], 2,

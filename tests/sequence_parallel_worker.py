@@ -129,7 +129,7 @@ def main() -> int:
         if a.kv3_model:
             found = refusals(out, a.model, a.kv3_model, a.train_file, a.eval_file, a.sp)
             (out / "refusals.json").write_text(json.dumps(found, indent=2))
-    teardown.shutdown(clean=True)
+    teardown.shutdown()
     return 0
 
 

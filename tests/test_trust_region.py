@@ -164,13 +164,20 @@ def test_reference_forward_after_an_update_uses_the_new_weights(hard_run, initia
 
 @pytest.mark.slow
 def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_file(soft_run, tmp_path):
+    import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(soft_run / "checkpoints" / "step_7", tmp_path / "checkpoints" / "step_7")
-    for path in (tmp_path / "checkpoints" / "step_7" / "tr_soft").glob("*.safetensors"):
+    from aligner import checkpoint
+
+    folder = tmp_path / "checkpoints" / "step_7"
+    shutil.copytree(soft_run / "checkpoints" / "step_7", folder)
+    for path in (folder / "tr_soft").glob("*.safetensors"):
         save_file(load_file(path), path, metadata={"world_size": "4", "rank": "0"})
+    marker = json.loads((folder / checkpoint.MARKER).read_text())  # the digests a 4-rank run would have recorded,
+    marker["files"] = checkpoint.record_files(folder)  # so the checkpoint verifies and the world-size check speaks
+    (folder / checkpoint.MARKER).write_text(json.dumps(marker))
     proc = launch(["--config", "configs/tiny-cpu-tr.yaml", *COMMON, f"output_dir={tmp_path}", "train.max_steps=8",
                    f"tr_probe.dump_dir={tmp_path / 'probe'}", "--plugins", SOFT_PLUGINS, "--resume", "auto"])
     assert proc.returncode == 2
