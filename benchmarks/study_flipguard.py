@@ -208,7 +208,7 @@ def diff_table(diffs: dict) -> str:
     lines = ["| method − dpo | " + " | ".join(f"Δ {label} [95% CI]" for _, label in VERDICT_METRICS) + " |",
              "|" + "---|" * (len(VERDICT_METRICS) + 1)]
     for m, d in diffs.items():
-        lines.append(f"| {m} | " + " | ".join(f"{stats.fmt(*d[col])} ({stats.compare_word(*d[col][1:]).split(' (')[0]})"
+        lines.append(f"| {m} | " + " | ".join(f"{stats.fmt(*d[col], signed=True)} ({stats.compare_word(*d[col][1:]).split(' (')[0]})"
                                                for col, _ in VERDICT_METRICS) + " |")
     return "\n".join(lines)
 
@@ -229,7 +229,7 @@ def verdict(diffs: dict) -> str:
         worse = words["policy_accuracy"] == "lower" or words["gen_policy_reward"] == "lower"
         claim = ("supported" if fewer and not more and not worse else "refuted" if (more or worse) and not fewer
                  else "not resolved at this budget")
-        parts = ", ".join(f"{label} {words[col]} ({stats.fmt(*d[col])})" for col, label in VERDICT_METRICS)
+        parts = ", ".join(f"{label} {words[col]} ({stats.fmt(*d[col], signed=True)})" for col, label in VERDICT_METRICS)
         out.append(f"{m}: {claim}: {parts}.")
     return " ".join(out)
 

@@ -12,7 +12,7 @@ contains 0 is "no different at this budget", whatever the sign of the point esti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,10 +51,6 @@ def bootstrap_diff(stat: Callable[[np.ndarray], float], a: np.ndarray, b: np.nda
     return (float(stat(a) - stat(b)), *interval(draws))
 
 
-def mean_of(values: Sequence[float]) -> Callable[[np.ndarray], float]:
-    return lambda runs: float(np.nanmean(runs)) if np.isfinite(runs).any() else float("nan")
-
-
 def compare_word(lo: float, hi: float) -> str:
     """The word for a difference's interval: only an interval wholly on one side of 0 gets a direction."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -68,18 +64,14 @@ def compare_word(lo: float, hi: float) -> str:
 
 def claim_word(lo: float, hi: float) -> str:
     """A claim that the difference is positive: supported (interval above 0), refuted (below 0), else not resolved."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "not resolved at this budget (not comparable)"
-    if lo > 0:
-        return "supported"
-    if hi < 0:
-        return "refuted"
-    return "not resolved at this budget"
+    word = compare_word(lo, hi)
+    return {"higher": "supported", "lower": "refuted",
+            "not comparable": "not resolved at this budget (not comparable)"}.get(word, "not resolved at this budget")
 
 
-def fmt(est: float, lo: float, hi: float, digits: int = 3) -> str:
-    """``0.612 [0.580, 0.640]``; ``n/a`` when undefined."""
+def fmt(est: float, lo: float, hi: float, signed: bool = False, digits: int = 3) -> str:
+    """``0.612 [0.580, 0.640]``, or with signs for a difference (``+0.050 [-0.010, +0.110]``); ``n/a`` if undefined."""
     if not np.isfinite(est):
         return "n/a"
-    return f"{est:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo < 0 or est < 0 else \
-        f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{f.format(est)} [{f.format(lo)}, {f.format(hi)}]"

@@ -388,9 +388,9 @@ def dpo_cells(args: argparse.Namespace) -> list[Cell]:
 
 
 def pick(study: Study, cells: list[Cell], seeds: list[int]) -> CellResult | None:
-    """The cell with the highest best gold among those whose runs all finished."""
-    done = [r for c in cells if (r := study.results(c, seeds)) is not None]
-    return max(done, key=lambda r: r.best()[0]) if done else None
+    """The cell with the highest best gold; None until every cell's runs finished (no pick from part of a stage)."""
+    done = [study.results(c, seeds) for c in cells]
+    return None if any(r is None for r in done) else max(done, key=lambda r: r.best()[0])
 
 
 def screen_cells(args: argparse.Namespace, base: Cell) -> tuple[list[Cell], list[Cell]]:
@@ -488,8 +488,8 @@ def comparison_table(pairs: list[tuple[CellResult, CellResult]]) -> tuple[str, d
         greedy = diff_at(tr, base, levels[1], "gold_greedy")
         found[tr.cell.name] = {"base": base.cell.name, "levels": levels, "matched": word, "diffs": diffs, "best": best,
                                "tr": tr, "base_result": base}
-        lines.append(f"| {tr.cell.name} − {base.cell.name} | {stats.fmt(*best)} | {levels[2]:.2f} | "
-                     + " | ".join(stats.fmt(*d) for d in diffs) + f" | {stats.fmt(*greedy)} |")
+        lines.append(f"| {tr.cell.name} − {base.cell.name} | {stats.fmt(*best, signed=True)} | {levels[2]:.2f} | "
+                     + " | ".join(stats.fmt(*d, signed=True) for d in diffs) + f" | {stats.fmt(*greedy, signed=True)} |")
     return "\n".join(lines), found
 
 
@@ -499,10 +499,10 @@ def verdicts(found: dict, decided: dict, dpo_best: CellResult, results: dict) ->
     out = []
     if dpo_rows:
         parts = [f"{k}: {v['matched']} (Δ gold at KL {', '.join(f'{x:.2f}' for x in v['levels'])}: "
-                 + ", ".join(stats.fmt(*d) for d in v["diffs"]) + ")" for k, v in dpo_rows.items()]
+                 + ", ".join(stats.fmt(*d, signed=True) for d in v["diffs"]) + ")" for k, v in dpo_rows.items()]
         out.append("1. **At equal KL, TR ≥ the baseline** (DPO, β = "
                    f"{dpo_best.cell.beta:g}). " + "; ".join(parts) + ".")
-        parts = [f"{k}: {stats.claim_word(*v['best'][1:])} (Δ best gold {stats.fmt(*v['best'])})" for k, v in dpo_rows.items()]
+        parts = [f"{k}: {stats.claim_word(*v['best'][1:])} (Δ best gold {stats.fmt(*v['best'], signed=True)})" for k, v in dpo_rows.items()]
         out.append("2. **TR reaches a higher best gold.** " + "; ".join(parts) + ".")
     else:
         out.append("1.–2. Not run yet: the confirmed TR cells are missing.")
@@ -511,7 +511,7 @@ def verdicts(found: dict, decided: dict, dpo_best: CellResult, results: dict) ->
         words = [stats.claim_word(*v["best"][1:]) for v in loss_rows.values()]
         overall = ("supported" if all(w == "supported" for w in words) else "refuted" if "refuted" in words
                    else "not resolved at this budget")
-        parts = [f"{k}: best gold {stats.claim_word(*v['best'][1:])} (Δ {stats.fmt(*v['best'])}), equal KL {v['matched']}"
+        parts = [f"{k}: best gold {stats.claim_word(*v['best'][1:])} (Δ {stats.fmt(*v['best'], signed=True)}), equal KL {v['matched']}"
                  for k, v in loss_rows.items()]
         out.append(f"3. **The gain holds for IPO and KTO: {overall}.** " + "; ".join(parts) + ".")
     else:
@@ -521,11 +521,11 @@ def verdicts(found: dict, decided: dict, dpo_best: CellResult, results: dict) ->
         tr = v["tr"]
         d = stats.bootstrap(lambda runs: float(runs.mean()), tr.final_minus_sft())
         far.append(f"{k} ends at KL {tr.m['kl'][:, -1].mean():.2f} (DPO: {dpo_best.m['kl'][:, -1].mean():.2f}) with gold − "
-                   f"SFT's {stats.fmt(*d)}: {stats.claim_word(*d[1:])}")
+                   f"SFT's {stats.fmt(*d, signed=True)}: {stats.claim_word(*d[1:])}")
     if far:
         d = stats.bootstrap(lambda runs: float(runs.mean()), dpo_best.final_minus_sft())
         out.append("4. **Quality holds far from the initial reference** (gold at the run's last, farthest checkpoint "
-                   "above the SFT model's). " + "; ".join(far) + f". For contrast, DPO's own last checkpoint: {stats.fmt(*d)}.")
+                   "above the SFT model's). " + "; ".join(far) + f". For contrast, DPO's own last checkpoint: {stats.fmt(*d, signed=True)}.")
     return "\n".join(out)
 
 
@@ -612,7 +612,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def report(study: Study, decided: dict, command: str, wall_s: float) -> str:
+def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float) -> str:
     args, results = study.args, collect(study, decided)
     write_csv(results, study.out)
     text = [f"Command: `{command}`. Run length T = {args.steps} steps, lr {args.lr:g}, 8 pairs per step, 1 rank "
@@ -644,29 +644,34 @@ def report(study: Study, decided: dict, command: str, wall_s: float) -> str:
     text.append("**Verdicts** (supported / refuted only when the interval excludes 0):\n\n"
                 + verdicts(found, decided, decided["dpo"], results))
     text.append(recommendation(decided, results["confirmed"], args, found))
-    missing = remaining(study, decided)
+    missing = remaining(study, decided, rerun)
     text.append("**Not finished:** " + missing if missing else "**Complete:** every stage finished.")
     for p in plot(results, study.out):
         text.append(f"![{p.stem}]({p.relative_to(RESULTS.parent)})" if p.is_relative_to(RESULTS.parent) else str(p))
     return "\n\n".join(text)
 
 
-def remaining(study: Study, decided: dict) -> str:
-    """What is left, with the command that completes it."""
-    args = study.args
-    left = []
-    if decided.get("dpo") is None or len([c for c in dpo_cells(args) if study.results(c, verdict_seeds(args))]) < len(args.betas):
-        left.append("stage dpo")
-    elif decided.get("soft") is None or decided.get("hard") is None or \
-            any(study.results(c, list(range(args.screen_seeds))) is None for c in sum(screen_cells(args, decided["dpo"].cell), [])):
-        left.append("stage screen")
+def remaining(study: Study, decided: dict, rerun: str) -> str:
+    """The first stage not finished, with the command that completes it and the later ones."""
+    if decided.get("dpo") is None:
+        first = "dpo"
+    elif decided.get("soft") is None or decided.get("hard") is None:
+        first = "screen"
     elif decided.get("tr") is None:
-        left.append("stage confirm")
+        first = "confirm"
     elif len(collect(study, decided)["losses"]) < 4:
-        left.append("stage losses")
-    if not left:
+        first = "losses"
+    else:
         return ""
-    return f"{', '.join(left)} and the later ones; `python benchmarks/study_tr.py` finishes them (finished runs are skipped)."
+    return f"stage {first} and the later ones; `{rerun}` finishes them (finished runs are skipped)."
+
+
+def rerun_command(argv: list[str] | None) -> str:
+    """This invocation's command for all stages: its options without ``--stage``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keep = [a for i, a in enumerate(args) if a != "--stage" and (i == 0 or args[i - 1] != "--stage")
+            and not a.startswith("--stage=")]
+    return command_line(__file__, keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -679,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(args)
     decided = plan(study)
     command = command_line(__file__, argv)
-    text = report(study, decided, command, time.time() - started)
+    text = report(study, decided, command, rerun_command(argv), time.time() - started)
     print(text)
     if not args.smoke:
         write_section(RESULTS, "study_tr", "## Trust-region study: does TR help, and at which α and τ? "

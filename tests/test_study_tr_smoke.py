@@ -30,7 +30,8 @@ def test_smoke_trains_dpo_and_the_screen_scores_every_checkpoint_and_a_rerun_ski
         assert float(r["kl"]) == 0.0 if r["step"] == "0" else float(r["kl"]) >= 0.0  # exact per-token KL: never < 0
     assert any(float(r["kl"]) > 0 for r in rows if r["step"] != "0")
     assert "**Screen**" in proc.stdout
-    assert "**Not finished:** stage confirm" in proc.stdout and "finished runs are skipped" in proc.stdout
+    assert (f"**Not finished:** stage confirm and the later ones; `python benchmarks/study_tr.py --smoke --out {tmp_path}` "
+            "finishes them (finished runs are skipped)") in proc.stdout
     scores = sorted(tmp_path.glob("runs/*/scores.json"))
     assert len(scores) == 3
     assert not list(tmp_path.glob("runs/*/checkpoints"))  # scored, then deleted
