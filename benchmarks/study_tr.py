@@ -455,11 +455,15 @@ def tau_text(tau: int | None, steps: int) -> str:
 
 
 def cell_table(results: list[CellResult], steps: int) -> str:
-    lines = ["| run | seeds | best gold [95% CI] (step) | final gold | final KL | best greedy gold | s per run |",
-             "|---|---|---|---|---|---|---|"]
+    """Per cell: the best gold and how far it rises above the SFT model (step 0 of the same runs), where it ends."""
+    lines = ["| run | seeds | best gold [95% CI] (step) | best − SFT [95% CI] | last − SFT [95% CI] | last KL | "
+             "best greedy gold | s per run |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.cell.name} | {r.n} | {stats.fmt(*r.best())} ({r.best_step()}) | {r.m['gold'][:, -1].mean():.3f} | "
-                     f"{r.m['kl'][:, -1].mean():.2f} | {r.best('gold_greedy')[0]:.3f} | {np.mean(r.seconds):.0f} |")
+        rise = stats.bootstrap(lambda runs: float(runs.mean(0).max() - runs[:, 0].mean()), r.m["gold"])
+        drop = stats.bootstrap(lambda runs: float(runs.mean()), r.final_minus_sft())
+        lines.append(f"| {r.cell.name} | {r.n} | {stats.fmt(*r.best())} ({r.best_step()}) | {stats.fmt(*rise, signed=True)} | "
+                     f"{stats.fmt(*drop, signed=True)} | {r.m['kl'][:, -1].mean():.2f} | {r.best('gold_greedy')[0]:.3f} | "
+                     f"{np.mean(r.seconds):.0f} |")
     return "\n".join(lines)
 
 
@@ -568,7 +572,34 @@ def frontier(r: CellResult, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return est, lo, hi
 
 
-def plot(results: dict, out: Path) -> list[Path]:
+def plot_screen(results: list[CellResult], args: argparse.Namespace, out: Path, plt) -> Path | None:
+    """The screen's best gold over α × τ (tr_hard as the α = 1 row)."""
+    rows = [(a, "tr_soft") for a in args.alphas] + [(1.0, "tr_hard")]
+    grid = np.full((len(rows), len(args.taus)), np.nan)
+    for r in results:
+        i = rows.index((r.cell.alpha if r.cell.method == "tr_soft" else 1.0, r.cell.method))
+        grid[i, args.taus.index(r.cell.tau)] = r.best()[0]
+    if not np.isfinite(grid).any():
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xticks(range(len(args.taus)), [tau_text(t, args.steps) for t in args.taus])
+    ax.set_yticks(range(len(rows)), [f"{a:g}" if m == "tr_soft" else "tr_hard" for a, m in rows])
+    ax.set_xlabel("τ (steps)")
+    ax.set_ylabel("tr_soft α")
+    ax.set_title(f"screen: best gold of samples ({args.screen_seeds} seed(s))", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = out / "screen.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(results: dict, out: Path, args: argparse.Namespace) -> list[Path]:
     try:
         import matplotlib
 
@@ -609,6 +640,8 @@ def plot(results: dict, out: Path) -> list[Path]:
         paths.append(out / "gold_vs_step.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    if results["screen"] and (path := plot_screen(results["screen"], args, out, plt)) is not None:
+        paths.append(path)
     return paths
 
 
@@ -625,6 +658,8 @@ def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float)
         return "\n\n".join(text + ["Nothing finished yet."])
     text.append("**DPO, both β** (gold = mean gold reward of one sample per prompt at temperature 1; step 0 is the "
                 "SFT model):\n\n" + cell_table(results["dpo"], args.steps))
+    if decided.get("dpo") is None:
+        return "\n\n".join(text + ["**Not finished:** " + remaining(study, decided, rerun)])
     if results["screen"]:
         text.append(f"**Screen** (β = {decided['dpo'].cell.beta:g}, {args.screen_seeds} seed(s); best gold of the "
                     f"seed-mean curve, and the final KL):\n\n" + screen_grid(results["screen"], args))
@@ -646,7 +681,7 @@ def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float)
     text.append(recommendation(decided, results["confirmed"], args, found))
     missing = remaining(study, decided, rerun)
     text.append("**Not finished:** " + missing if missing else "**Complete:** every stage finished.")
-    for p in plot(results, study.out):
+    for p in plot(results, study.out, args):
         text.append(f"![{p.stem}]({p.relative_to(RESULTS.parent)})" if p.is_relative_to(RESULTS.parent) else str(p))
     return "\n\n".join(text)
 
