@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-check", action="store_true",
                    help="also train plain DPO seed 0 without the static log-prob cache and compare step times")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "study_flipguard"))
+    p.add_argument("--report-only", action="store_true", help="train nothing: the tables from the runs that finished")
     p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, one γ and ε, τ = 1; writes no RESULTS.md section")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in PLUGINS]
@@ -107,15 +108,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cells(args: argparse.Namespace) -> list[tuple[str, float | None, float | None]]:
     """(method, γ, ε) of every cell, None being the plugin's default, in the order they run: plain DPO, the
-    grid's centre (the plugin's defaults with the default grids), the other methods, then the rest of the grid,
-    so that a study stopped part-way has its baseline and central cells at full seeds."""
+    grid's centre (the plugin's defaults with the default grids), the other methods, the rest of the centre's
+    row and column (one factor at a time), then the corners; a study stopped part-way has whole cells."""
     methods = args.methods.split(",")
     grid = [("dpo+flipguard", g, e) for g in args.gammas for e in args.epsilons] if "dpo+flipguard" in methods else []
     centre = grid[len(grid) // 2: len(grid) // 2 + 1]
+    cross = [c for c in grid if c not in centre and (c[1] == centre[0][1] or c[2] == centre[0][2])]
     others = [(m, None, None) for m in methods if m not in ("dpo", "dpo+flipguard")]
-    return [("dpo", None, None)] * ("dpo" in methods) + centre + others + [c for c in grid if c not in centre]
-
-
+    return ([("dpo", None, None)] * ("dpo" in methods) + centre + others + cross
+            + [c for c in grid if c not in centre + cross])
 def cell_name(method: str, gamma: float | None, epsilon: float | None) -> str:
     return method if gamma is None else f"{method}-g{gamma:g}-e{epsilon:g}"
 
@@ -153,20 +154,32 @@ def step_times(run_dir: Path) -> list[float]:
     return [value for _, value in read_scalars(run_dir / "tensorboard")["perf/step_time_s"]]
 
 
+def signature(cell: tuple, seed: int, args: argparse.Namespace) -> dict:
+    """What a finished run must match to be reused."""
+    return {"cell": list(cell), "seed": seed, "steps": args.steps, "pairs_per_step": PAIRS_PER_STEP,
+            "soft_every": args.soft_every if "tr_soft" in cell[0] else None}
+
+
+def finished(cell: tuple, seed: int, args: argparse.Namespace, out: Path) -> dict | None:
+    """The run's row when a previous invocation finished it with these settings."""
+    done_file = out / "runs" / f"{cell_name(*cell)}-seed{seed}" / "study_run.json"
+    if done_file.is_file() and (done := json.loads(done_file.read_text())).get("signature") == signature(cell, seed, args):
+        return done["row"]
+    return None
+
+
 def one_run(cell: tuple, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """Train and evaluate one run, or read it back when a previous invocation finished it with these settings."""
     method, gamma, epsilon = cell
     run_dir = out / "runs" / f"{cell_name(*cell)}-seed{seed}"
-    signature = {"cell": list(cell), "seed": seed, "steps": args.steps, "pairs_per_step": PAIRS_PER_STEP,
-                 "soft_every": args.soft_every if "tr_soft" in method else None}
+    if (row := finished(cell, seed, args, out)) is not None:
+        return row
     done_file = run_dir / "study_run.json"
-    if done_file.is_file() and (done := json.loads(done_file.read_text())).get("signature") == signature:
-        return done["row"]
     t0 = time.time()
     train(method, gamma, epsilon, seed, args, run_dir, cache=not args.smoke)  # smoke: 2 steps, no full pre-pass
     row = {"method": cell_name(*cell), "gamma": gamma, "epsilon": epsilon, "seed": seed, **evaluate(run_dir),
            "median_step_time_s": statistics.median(step_times(run_dir)), "run_s": round(time.time() - t0, 1)}
-    done_file.write_text(json.dumps({"signature": signature, "row": row}))
+    done_file.write_text(json.dumps({"signature": signature(cell, seed, args), "row": row}))
     print(f"{cell_name(*cell)} seed {seed}: done ({row['run_s']:.0f} s)", flush=True)
     return row
 
@@ -192,35 +205,37 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def differences(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, float]]]:
-    """method -> metric -> (Δ of seed means against plain DPO, 95 % bootstrap interval)."""
+def differences(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, float]]] | None:
+    """method -> metric -> (Δ of seed means against plain DPO, 95 % bootstrap interval); None without plain DPO."""
     groups = per_method(rows)
     base = groups.get("dpo")
     if base is None:
-        return {}
+        return None
     mean = lambda runs: float(runs.mean())  # noqa: E731
     return {m: {col: stats.bootstrap_diff(mean, np.array([r[col] for r in sel]), np.array([r[col] for r in base]))
                 for col, _ in VERDICT_METRICS}
             for m, sel in groups.items() if m != "dpo"}
 
 
-def diff_table(diffs: dict) -> str:
+def diff_table(diffs: dict | None) -> str:
     lines = ["| method − dpo | " + " | ".join(f"Δ {label} [95% CI]" for _, label in VERDICT_METRICS) + " |",
              "|" + "---|" * (len(VERDICT_METRICS) + 1)]
-    for m, d in diffs.items():
+    for m, d in (diffs or {}).items():
         lines.append(f"| {m} | " + " | ".join(f"{stats.fmt(*d[col], signed=True)} ({stats.compare_word(*d[col][1:]).split(' (')[0]})"
                                                for col, _ in VERDICT_METRICS) + " |")
     return "\n".join(lines)
 
 
-def verdict(diffs: dict) -> str:
+def verdict(diffs: dict | None) -> str:
     """The claim, per method: fewer negative flips (NFR lower) at equal or better accuracy and gold reward.
 
     Supported when an NFR interval is below 0 and neither accuracy nor gold reward is lower (its interval
     wholly below 0); refuted when NFR is higher or accuracy/gold lower with NFR not lower; else not resolved.
     """
-    if not diffs:
+    if diffs is None:
         return "No plain-DPO baseline in this study, so nothing to compare against."
+    if not diffs:
+        return "No finished method to compare with plain DPO yet."
     out = []
     for m, d in diffs.items():
         words = {col: stats.compare_word(*d[col][1:]).split(" (")[0] for col, _ in VERDICT_METRICS}
@@ -285,9 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    jobs = [(c, s) for c in cells(args) for s in range(args.seeds)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda cs: one_run(cs[0], cs[1], args, out), jobs))
+    if not args.report_only:
+        jobs = [(c, s) for c in cells(args) for s in range(args.seeds)]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda cs: one_run(cs[0], cs[1], args, out), jobs))
+    rows, missing = [], []
+    for c in cells(args):  # whole cells only: a cell enters the tables with all its seeds
+        done = [finished(c, s, args, out) for s in range(args.seeds)]
+        if any(d is None for d in done):
+            missing.append(f"{cell_name(*c)} ({sum(d is not None for d in done)}/{args.seeds} seeds)")
+        else:
+            rows += done
+    rerun = command_line(__file__, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"])
+    not_finished = (f"**Not finished:** {', '.join(missing)}; `{rerun}` completes them (finished runs are skipped)."
+                    if missing else "**Complete:** every cell at every seed.")
     with (out / "study_flipguard.csv").open("w", newline="") as f:
         fields = ["method", "gamma", "epsilon", "seed", *[c for c, _ in METRICS], "median_step_time_s", "run_s"]
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -306,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     diffs = differences(rows)
     text, dtext, found = table(rows), diff_table(diffs), verdict(diffs)
     figure = plot(rows, args, out)
-    print(text, dtext, found, sep="\n\n")
+    print(text, dtext, found, not_finished, sep="\n\n")
     command = command_line(__file__, argv)
     if not args.smoke:
         write_section(RESULTS, "study_flipguard",
@@ -314,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{command.strip()}` ({args.seeds} seeds, {args.steps} steps, configs/tiny-cpu.yaml lr, "
             f"{PAIRS_PER_STEP} pairs per step on 1 rank; dpo+flipguard at γ ∈ {{{', '.join(f'{g:g}' for g in args.gammas)}}} "
             f"× ε ∈ {{{', '.join(f'{e:g}' for e in args.epsilons)}}}, dpo+tr_soft+flipguard at the plugin defaults with "
-            f"τ={args.soft_every}; wall time of this invocation {time.time() - started:.0f} s). Every final model is scored "
+            f"τ={args.soft_every}; wall time of this invocation {time.time() - started:.0f} s; the {len(rows)} runs in the tables "
+            f"took {sum(r['run_s'] for r in rows):.0f} s of wall time, counted one by one). Every final model is scored "
             "by `launch/eval.py --anchor embedded:tiny-sort --data embedded:eval`: accuracy and NFR/PFR of the preference "
             "margin, and gen_* from its generation judge (greedy generations scored by the gold reward). Mean ± sd over "
             "seeds.\n\n" + text + "\n\n**Against plain DPO** (difference of seed means, 95% bootstrap interval over seeds; "
             "a direction only when the interval excludes 0):\n\n" + dtext + "\n\n**What it shows.** " + found
-            + (f"\n\n{cache_note}" if cache_note else "")
+            + (f"\n\n{cache_note}" if cache_note else "") + "\n\n" + not_finished
             + (f"\n\n![{figure.stem}]({figure.relative_to(RESULTS.parent)})" if figure and figure.is_relative_to(RESULTS.parent) else "")
             + "\n"
         )

@@ -42,6 +42,7 @@ def test_study_smoke_trains_each_method_writes_the_csv_and_a_rerun_skips_finishe
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": done (" not in again.stdout  # nothing trained or evaluated again
+    assert "**Complete:** every cell at every seed." in again.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -73,3 +74,23 @@ def test_nfr_is_called_lower_only_when_its_interval_is_below_0():
     assert "clear: supported: preference NFR lower" in text
     assert "overlapping: not resolved at this budget: preference NFR no different" in text
     assert "gold reward higher" in text.split("overlapping")[0]
+
+
+def test_a_report_from_part_of_the_study_shows_whole_cells_and_names_what_is_left(tmp_path, capsys):
+    import json
+
+    args = study_flipguard.parse_args(["--smoke", "--report-only", "--out", str(tmp_path)])
+    cell = ("dpo", None, None)
+    run_dir = tmp_path / "runs" / "dpo-seed0"
+    run_dir.mkdir(parents=True)
+    row = {"method": "dpo", "gamma": None, "epsilon": None, "seed": 0, "policy_accuracy": 0.8, "anchor_accuracy": 0.85,
+           "nfr": 0.1, "pfr": 0.05, "gen_nfr": 0.5, "gen_pfr": 0.2, "gen_policy_reward": 0.6, "gen_anchor_reward": 0.7,
+           "median_step_time_s": 0.2, "run_s": 30.0}
+    (run_dir / "study_run.json").write_text(json.dumps({"signature": study_flipguard.signature(cell, 0, args), "row": row}))
+    assert study_flipguard.main(["--smoke", "--report-only", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| dpo | 1 | 0.800 ± 0.000 |" in out
+    assert (f"**Not finished:** dpo+flipguard-g0.3-e0.001 (0/1 seeds), dpo+tr_soft+flipguard (0/1 seeds); "
+            f"`python benchmarks/study_flipguard.py --smoke --out {tmp_path}` completes them") in out
+    assert "No finished method to compare with plain DPO yet." in out
+    assert not (tmp_path / "runs" / "dpo+tr_soft+flipguard-seed0").exists()  # --report-only trains nothing
