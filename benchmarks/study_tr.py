@@ -399,8 +399,17 @@ def screen_cells(args: argparse.Namespace, base: Cell) -> tuple[list[Cell], list
     return soft, hard
 
 
+def loss_cells(args: argparse.Namespace, dpo: Cell) -> list[Cell]:
+    """IPO (its own β, --ipo-beta) and KTO (DPO's best β: the same scale of the summed log-ratio), no TR."""
+    return [Cell("ipo", args.ipo_beta), Cell("kto", dpo.beta)]
+
+
 def plan(study: Study) -> dict:
-    """Run the stages of ``--stage`` and return what was decided: the best DPO cell, the screened picks."""
+    """Run the stages of ``--stage`` and return what was decided: the best DPO cell, the screened picks.
+
+    The ``losses`` stage's plain IPO and KTO runs need only DPO's β, so they run as soon as the dpo stage
+    has finished (in parallel with the screen, from another invocation); their TR runs need the confirmed pick.
+    """
     args = study.args
     stages = args.stages
     if "dpo" in stages:
@@ -408,6 +417,9 @@ def plan(study: Study) -> dict:
     decided: dict = {"dpo": pick(study, dpo_cells(args), verdict_seeds(args))}
     if decided["dpo"] is None:
         return decided
+    others = loss_cells(args, decided["dpo"].cell)
+    if stages == ("losses",):
+        study.run_all(others, verdict_seeds(args))
     soft, hard = screen_cells(args, decided["dpo"].cell)
     if "screen" in stages:
         study.run_all(soft + hard, list(range(args.screen_seeds)))
@@ -422,8 +434,6 @@ def plan(study: Study) -> dict:
     if len(confirmed) < 2:
         return decided
     decided["tr"] = max(confirmed, key=lambda r: r.best()[0]).cell  # the better TR setting, for IPO and KTO
-    base_beta = decided["dpo"].cell.beta
-    others = [Cell("ipo", args.ipo_beta), Cell("kto", base_beta)]
     if "losses" in stages:
         study.run_all(others + [c.with_update(decided["tr"]) for c in others], verdict_seeds(args))
     return decided
@@ -443,7 +453,7 @@ def collect(study: Study, decided: dict) -> dict[str, list[CellResult]]:
         if decided.get(key) is not None and (r := study.results(decided[key].cell, fresh_seeds(args))) is not None:
             out["confirmed"].append(r)
     if decided.get("tr") is not None:
-        for c in (Cell("ipo", args.ipo_beta), Cell("kto", decided["dpo"].cell.beta)):
+        for c in loss_cells(args, decided["dpo"].cell):
             for cell in (c, c.with_update(decided["tr"])):
                 if (r := study.results(cell, verdict_seeds(args))) is not None:
                     out["losses"].append(r)
