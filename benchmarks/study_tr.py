@@ -17,8 +17,9 @@ Stages (``--stage all`` runs them in order; each later stage reads what the earl
    same τ, ``--screen-seeds`` seeds each (a screening pass: it picks, it does not enter a verdict).
 3. ``confirm``: the best tr_soft cell and the best tr_hard cell of the screen (highest best gold) at
    ``--seeds`` fresh seeds (seeds not used to pick them).
-4. ``losses``: IPO, KTO, and each with the better confirmed TR setting, ``--seeds`` seeds, with DPO's lr,
-   run length and β (IPO's β is its own: see ``--ipo-beta``).
+4. ``losses``: IPO, KTO, and each with the better of the two screened TR settings, ``--seeds`` seeds, with
+   DPO's lr, run length and β (IPO's β is its own: see ``--ipo-beta``). It needs only the screen, so it can
+   run beside ``confirm`` from a second invocation (``--stage confirm`` and ``--stage losses``).
 5. ``report`` (always last): ``study_tr.csv``, the tables, the verdicts, the figures and the RESULTS.md section.
 
 Each run trains through the real trainer (``launch/train.py``), as one process (one rank: a ZeRO-3
@@ -405,10 +406,11 @@ def loss_cells(args: argparse.Namespace, dpo: Cell) -> list[Cell]:
 
 
 def plan(study: Study) -> dict:
-    """Run the stages of ``--stage`` and return what was decided: the best DPO cell, the screened picks.
+    """Run the stages of ``--stage`` and return what was decided: the best DPO cell, the screened picks, and the
+    TR setting that IPO and KTO get (the better of the two picks, by the screen's best gold).
 
-    The ``losses`` stage's plain IPO and KTO runs need only DPO's β, so they run as soon as the dpo stage
-    has finished (in parallel with the screen, from another invocation); their TR runs need the confirmed pick.
+    The ``losses`` stage needs only the screen, so it can run beside ``confirm`` (from another invocation);
+    its plain IPO and KTO runs need only DPO's β, so they run as soon as the dpo stage has finished.
     """
     args = study.args
     stages = args.stages
@@ -418,22 +420,18 @@ def plan(study: Study) -> dict:
     if decided["dpo"] is None:
         return decided
     others = loss_cells(args, decided["dpo"].cell)
-    if stages == ("losses",):
-        study.run_all(others, verdict_seeds(args))
     soft, hard = screen_cells(args, decided["dpo"].cell)
     if "screen" in stages:
         study.run_all(soft + hard, list(range(args.screen_seeds)))
     decided["soft"] = pick(study, soft, list(range(args.screen_seeds)))
     decided["hard"] = pick(study, hard, list(range(args.screen_seeds)))
     if decided["soft"] is None or decided["hard"] is None:
+        if "losses" in stages:
+            study.run_all(others, verdict_seeds(args))
         return decided
-    picks = [decided["soft"].cell, decided["hard"].cell]
+    decided["tr"] = max(decided["soft"], decided["hard"], key=lambda r: r.best()[0]).cell
     if "confirm" in stages:
-        study.run_all(picks, fresh_seeds(args))
-    confirmed = [r for c in picks if (r := study.results(c, fresh_seeds(args))) is not None]
-    if len(confirmed) < 2:
-        return decided
-    decided["tr"] = max(confirmed, key=lambda r: r.best()[0]).cell  # the better TR setting, for IPO and KTO
+        study.run_all([decided["soft"].cell, decided["hard"].cell], fresh_seeds(args))
     if "losses" in stages:
         study.run_all(others + [c.with_update(decided["tr"]) for c in others], verdict_seeds(args))
     return decided
@@ -702,7 +700,7 @@ def remaining(study: Study, decided: dict, rerun: str) -> str:
         first = "dpo"
     elif decided.get("soft") is None or decided.get("hard") is None:
         first = "screen"
-    elif decided.get("tr") is None:
+    elif len(collect(study, decided)["confirmed"]) < 2:
         first = "confirm"
     elif len(collect(study, decided)["losses"]) < 4:
         first = "losses"
