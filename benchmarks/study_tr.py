@@ -458,6 +458,10 @@ def collect(study: Study, decided: dict) -> dict[str, list[CellResult]]:
     return out
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def tau_text(tau: int | None, steps: int) -> str:
     return "" if tau is None else f"{tau} (T/{steps / tau:.3g})"
 
@@ -598,7 +602,7 @@ def plot_screen(results: list[CellResult], args: argparse.Namespace, out: Path, 
     ax.set_yticks(range(len(rows)), [f"{a:g}" if m == "tr_soft" else "tr_hard" for a, m in rows])
     ax.set_xlabel("τ (steps)")
     ax.set_ylabel("tr_soft α")
-    ax.set_title(f"screen: best gold of samples ({args.screen_seeds} seed(s))", fontsize=10)
+    ax.set_title(f"screen: best gold of samples ({plural(args.screen_seeds, 'seed')})", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = out / "screen.png"
@@ -656,12 +660,16 @@ def plot(results: dict, out: Path, args: argparse.Namespace) -> list[Path]:
 def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float) -> str:
     args, results = study.args, collect(study, decided)
     write_csv(results, study.out)
-    text = [f"Command: `{command}`. Run length T = {args.steps} steps, lr {args.lr:g}, 8 pairs per step, 1 rank "
+    written_by = f" (this section written by `{command}`)" if command != rerun else ""
+    counted = {(r.cell, seed): sec for group in results.values() for r in group for seed, sec in zip(r.seeds, r.seconds)}
+    n_runs, run_s = len(counted), sum(counted.values())
+    text = [f"Command: `{rerun}`{written_by}. Run length T = {args.steps} steps, lr {args.lr:g}, 8 pairs per step, 1 rank "
             f"(`launch/train.py` without a launcher: a ZeRO-3 engine with world size 1), a checkpoint every "
             f"{args.steps // args.checkpoints} steps, {args.prompts} held-out prompts per checkpoint; training pairs: "
-            f"`{study.pairs.name}` (study_tr_task.py). Verdict cells: {args.seeds} seeds; screen: {args.screen_seeds} "
-            f"seed(s); the screen's picks are rerun at seeds {fresh_seeds(args)[0]}–{fresh_seeds(args)[-1]}, not the "
-            f"ones that picked them. Wall time of this invocation: {wall_s:.0f} s."]
+            f"`{study.pairs.name}` (study_tr_task.py). Verdict cells: {args.seeds} seeds; screen: {plural(args.screen_seeds, 'seed')}"
+            f"; the screen's picks are rerun at seeds {fresh_seeds(args)[0]}–{fresh_seeds(args)[-1]}, not the "
+            f"ones that picked them. Wall time of this invocation: {wall_s:.0f} s; the {n_runs} runs below took "
+            f"{run_s:.0f} s (training and scoring), counted one by one."]
     if not results["dpo"]:
         return "\n\n".join(text + ["Nothing finished yet."])
     text.append("**DPO, both β** (gold = mean gold reward of one sample per prompt at temperature 1; step 0 is the "
@@ -669,7 +677,7 @@ def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float)
     if decided.get("dpo") is None:
         return "\n\n".join(text + ["**Not finished:** " + remaining(study, decided, rerun)])
     if results["screen"]:
-        text.append(f"**Screen** (β = {decided['dpo'].cell.beta:g}, {args.screen_seeds} seed(s); best gold of the "
+        text.append(f"**Screen** (β = {decided['dpo'].cell.beta:g}, {plural(args.screen_seeds, 'seed')}; best gold of the "
                     f"seed-mean curve, and the final KL):\n\n" + screen_grid(results["screen"], args))
     pairs = [(r, decided["dpo"]) for r in results["confirmed"]]
     for loss in ("ipo", "kto"):
