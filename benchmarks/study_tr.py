@@ -487,7 +487,8 @@ def screen_grid(results: list[CellResult], args: argparse.Namespace) -> str:
         cells = []
         for t in args.taus:
             r = next((r for r in results if r.cell.method == method and r.cell.alpha == alpha and r.cell.tau == t), None)
-            cells.append("—" if r is None else f"{r.best()[0]:.3f} (KL {r.m['kl'][:, -1].mean():.1f})")
+            cells.append("—" if r is None else
+                         f"{r.best()[0]:.3f} / {r.m['gold'][:, -1].mean():.3f} (KL {r.m['kl'][:, -1].mean():.2f})")
         lines.append(f"| {'tr_hard (α = 1)' if method == 'tr_hard' else alpha} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -678,7 +679,7 @@ def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float)
         return "\n\n".join(text + ["**Not finished:** " + remaining(study, decided, rerun)])
     if results["screen"]:
         text.append(f"**Screen** (β = {decided['dpo'].cell.beta:g}, {plural(args.screen_seeds, 'seed')}; best gold of the "
-                    f"seed-mean curve, and the final KL):\n\n" + screen_grid(results["screen"], args))
+                    f"seed-mean curve / gold at the last checkpoint (its KL); the pick is by best gold):\n\n" + screen_grid(results["screen"], args))
     pairs = [(r, decided["dpo"]) for r in results["confirmed"]]
     for loss in ("ipo", "kto"):
         rs = [r for r in results["losses"] if r.cell.loss == loss]
