@@ -546,17 +546,29 @@ def verdicts(found: dict, decided: dict, dpo_best: CellResult, results: dict) ->
     return "\n".join(out)
 
 
-def recommendation(decided: dict, confirmed: list[CellResult], args: argparse.Namespace, found: dict) -> str:
+def recommendation(confirmed: list[CellResult], screen: list[CellResult], args: argparse.Namespace,
+                   found: dict) -> str:
+    """α and τ (in units of the run length T) to use with this trainer, as far as the intervals support one.
+
+    The confirmed tr_soft pick is recommended when its gain over DPO (best gold or equal KL) is supported.
+    Otherwise no TR setting is recommended over plain DPO, and the screen cell with the highest gold at the
+    last checkpoint is named as the one that costs least (a screening figure, one pass)."""
     soft = next((r for r in confirmed if r.cell.method == "tr_soft"), None)
     if soft is None:
         return "No recommendation yet: the confirmed tr_soft cell is missing."
-    c = soft.cell
-    v = found.get(c.name)
-    word = stats.claim_word(*v["best"][1:]) if v else "not compared"
-    return (f"Recommended for this trainer: tr_soft α = {c.alpha:g}, τ = T/{args.steps / c.tau:.3g} of the run "
-            f"(τ = {c.tau} of T = {args.steps} steps), at DPO β = {c.beta:g}: the highest best gold of the screen, "
-            f"confirmed at {soft.n} fresh seeds with best gold {stats.fmt(*soft.best())}; against DPO its best-gold "
-            f"gain is {word}.")
+    c, v = soft.cell, found.get(soft.cell.name)
+    tau = lambda cell: f"τ = T/{args.steps / cell.tau:.3g} ({cell.tau} of T = {args.steps} steps)"  # noqa: E731
+    if v and (stats.claim_word(*v["best"][1:]) == "supported" or v["matched"] == "supported"):
+        return (f"**Recommended:** tr_soft α = {c.alpha:g}, {tau(c)}, at DPO β = {c.beta:g}: the screen's pick, "
+                f"confirmed at {soft.n} fresh seeds (best gold {stats.fmt(*soft.best())}), ahead of DPO.")
+    least = max((r for r in screen if r.cell.method == "tr_soft"), key=lambda r: r.m["gold"][:, -1].mean(), default=None)
+    text = (f"**Recommended:** no trust-region setting over plain DPO at this budget: the screen's pick (tr_soft "
+            f"α = {c.alpha:g}, {tau(c)}) is not ahead of DPO at {soft.n} fresh seeds.")
+    if least is not None:
+        text += (f" If TR is used, the screen's least costly tr_soft cell (highest gold at the last checkpoint, "
+                 f"{plural(least.n, 'seed')}) is α = {least.cell.alpha:g}, {tau(least.cell)}: last gold "
+                 f"{least.m['gold'][:, -1].mean():.3f} at KL {least.m['kl'][:, -1].mean():.2f}.")
+    return text
 
 
 def write_csv(results: dict, out: Path) -> None:
@@ -695,7 +707,7 @@ def report(study: Study, decided: dict, command: str, rerun: str, wall_s: float)
                     "are 1/4, 1/2 and all of the KL both cells' runs reach):\n\n" + table)
     text.append("**Verdicts** (supported / refuted only when the interval excludes 0):\n\n"
                 + verdicts(found, decided, decided["dpo"], results))
-    text.append(recommendation(decided, results["confirmed"], args, found))
+    text.append(recommendation(results["confirmed"], results["screen"], args, found))
     missing = remaining(study, decided, rerun)
     text.append("**Not finished:** " + missing if missing else "**Complete:** every stage finished.")
     for p in plot(results, study.out, args):

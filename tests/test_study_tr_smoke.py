@@ -104,3 +104,22 @@ def test_a_difference_is_called_lower_or_higher_only_when_its_interval_is_on_one
     same = np.random.default_rng(0).normal(size=(5,))
     est, lo, hi = study_stats.bootstrap_diff(lambda runs: float(runs.mean()), same, same.copy())
     assert est == 0.0 and lo < 0 < hi
+
+
+def test_a_tr_setting_is_recommended_only_when_its_gain_over_dpo_is_supported():
+    args = study_tr.parse_args(["--steps", "240", "--checkpoints", "8"])
+    base = result(None, *curves(0.6, 0.01, seed=1))
+
+    def soft(level: float, alpha: float, tau: int) -> study_tr.CellResult:
+        r = result(None, *curves(level, 0.01, seed=5))
+        r.cell = study_tr.Cell("dpo", 0.1, "tr_soft", alpha, tau)
+        return r
+
+    ahead, level = soft(0.7, 0.6, 30), soft(0.6, 0.6, 30)
+    _, found = study_tr.comparison_table([(ahead, base)])
+    assert study_tr.recommendation([ahead], [ahead], args, found).startswith(
+        "**Recommended:** tr_soft α = 0.6, τ = T/8 (30 of T = 240 steps), at DPO β = 0.1")
+    _, found = study_tr.comparison_table([(level, base)])
+    text = study_tr.recommendation([level], [level, soft(0.65, 0.1, 120)], args, found)
+    assert text.startswith("**Recommended:** no trust-region setting over plain DPO at this budget")
+    assert "least costly tr_soft cell (highest gold at the last checkpoint, 5 seeds) is α = 0.1, τ = T/2" in text
