@@ -2,6 +2,7 @@
 statistics turn seeds into verdicts (benchmarks/study_stats.py)."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ def test_smoke_trains_dpo_and_the_screen_scores_every_checkpoint_and_a_rerun_ski
     written = [p.stat().st_mtime_ns for p in scores]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "s (train" not in again.stdout  # nothing trained again
+    assert re.search(r"seed \d+: \d+ s \(train \d+ s\)", proc.stdout)  # each run's line, the first time
+    assert not re.search(r"seed \d+: \d+ s \(train \d+ s\)", again.stdout)  # nothing trained again
     assert [p.stat().st_mtime_ns for p in scores] == written
 
 
