@@ -1,43 +1,46 @@
-"""Packed (variable-length) causal attention through PyTorch's ``varlen_attn``, as a transformers attention function.
+"""Causal attention over packed and prefix-shared rows: aligner's transformers attention function, and the kernels
+it runs on, one chosen per run at start-up.
 
-Registered under the name :data:`VARLEN` in transformers' ``AttentionInterface``
-(and its mask interface), so a model loaded with
-``attn_implementation="aligner_varlen"`` runs:
+:data:`VARLEN` is registered in transformers' ``AttentionInterface`` (and its mask
+interface), so a model loaded with ``attn_implementation="aligner_varlen"`` runs
 
-- a packed batch (the forward got ``cu_seq_lens_q``/``max_length_q``): on GPU,
-  ``torch.nn.attention.varlen.varlen_attn(q, k, v, cu, cu, max, max,
-  window_size=(-1, 0))`` — causal attention inside each sequence, no padding and
-  no L×L mask; on CPU (no varlen kernel) its twin, causal SDPA on each
-  sequence's slice of the row, bounds from ``cu_seqlens``: the same result as
-  SDPA with a block-diagonal causal mask, at Σ len_i² cost instead of L²;
-- anything else (padded batches, generation with a KV cache): transformers'
-  own SDPA with its usual mask.
+- a packed or prefix-shared batch (the forward got ``cu_seq_lens_q``/``max_length_q``) on the run's
+  :class:`Kernel`: causal attention inside each segment, no padding and no L×L mask;
+- anything else (padded batches, generation with a KV cache) on transformers' own SDPA with its usual mask.
 
-flash-attn's ``flash_attention_2`` needs none of this: transformers already
-routes packed batches to its varlen kernel. :func:`attn_implementation` picks
-flash-attn when installed, else this function for packed runs on GPU, else SDPA.
+A segment has ``lq`` queries and ``lk >= lq`` keys, and its causal mask is aligned bottom-right: query j sees
+keys 0..j + (lk − lq), and with a sliding window of W (``sliding_window``, Mistral/Qwen2/Gemma layers) only the
+last W of those. Packed sequences are segments with lq = lk. A prefix-shared pair
+(:class:`aligner.data.batch.PrefixSharedBatch`, the forward got :data:`KV_INDEX`) is two segments: [prompt, chosen]
+against itself, and [rejected] (R queries) against the gathered [prompt K/V; rejected K/V] (P + R keys), so the
+rejected tokens see the prompt and never the chosen ones.
 
-A prefix-shared batch (:class:`aligner.data.batch.PrefixSharedBatch`, the forward got
-:data:`KV_INDEX`) holds, per pair, a [prompt, chosen] segment attending causally to
-itself and a [rejected] segment attending to [prompt K/V; rejected K/V] with the
-causal mask aligned bottom-right (query j of R sees keys 0..P+j). Two exact ways,
-:func:`prefix_shared_attention`:
+The kernels, in the order a GPU run tries them (:func:`choose_kernel`):
 
-- CPU: SDPA per segment, the rejected queries against the gathered [prompt; rejected]
-  keys with an explicit bottom-right mask (SDPA's ``is_causal`` is top-left aligned
-  when query and key lengths differ, which would be wrong);
-- GPU: the queries are gathered like the keys, so each segment is an ordinary
-  equal-length causal sequence ([prompt, rejected] recomputes only the prompt's
-  attention rows, never its MLPs or projections), run by flash-attn's
-  ``flash_attn_varlen_func`` when installed, else PyTorch's ``varlen_attn``; the
-  prompt's extra rows are dropped. Its CPU twin (per-sequence SDPA on the same
-  gathered layout) is tested against the CPU form (tests/test_prefix_sharing.py).
+1. ``flash_attn``: flash-attn 2's ``flash_attn_varlen_func`` (>= 2.6; its causal mask is aligned bottom-right when
+   seqlen_q != seqlen_k since 2.1: "Query at position i will only attend to keys between [i + seqlen_k - seqlen_q -
+   window_size[0], i + seqlen_k - seqlen_q + window_size[1]]", flash-attn README).
+2. ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn``, which calls
+   ``aten::_flash_attention_forward``, the same vendored FlashAttention-2 kernel with the same bottom-right
+   alignment (``window_size=(-1, 0)`` is its causal flag; ``(W-1, 0)`` a causal window of W keys). torch >= 2.12
+   takes ``enable_gqa``; ``torch_varlen_kv_repeat`` serves torch 2.10/2.11, whose documented signature has no
+   GQA, by repeating the K/V heads.
+3. ``sdpa_segments``: ``scaled_dot_product_attention`` per segment with an explicit bottom-right mask (SDPA's own
+   ``is_causal`` is top-left aligned when lq != lk, which would be wrong). It takes every dtype and device: it
+   is the CPU path, and the GPU fallback.
+
+The first two take fp16/bf16 only. Each candidate must pass :func:`self_check` (one small forward and backward
+against fp32 SDPA, in the run's dtype and head layout) before it is used; an import or ABI failure, a signature
+this code cannot call, or a mismatch moves on to the next, with the reason. A model whose weights the chosen
+kernel does not take (the fp32 reference a trust-region plugin moves, in a bf16 run) runs its forward under
+autocast to the run's dtype (``aligner/models.py``), and this function casts its fp32 q/k/v to the autocast dtype.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +48,194 @@ import torch.nn.functional as F
 VARLEN = "aligner_varlen"
 #: attention implementations that read ``cu_seq_lens_*`` instead of a mask for packed batches
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3", VARLEN)
-#: forward kwargs of a prefix-shared batch: key gather index (Lk,) and each row token's place in it (L,)
-KV_INDEX, Q_KEEP = "aligner_kv_index", "aligner_q_keep"
+#: forward kwarg of a prefix-shared batch: the gathered key layout (Lk,), row positions of each segment's keys
+KV_INDEX = "aligner_kv_index"
+HALF = (torch.float16, torch.bfloat16)
+#: self_check's tolerance on outputs and gradients against fp32 SDPA (bf16 carries 8 mantissa bits: ~4e-3 relative)
+CHECK_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A varlen causal attention kernel.
+
+    ``run(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout)``: q (Tq, H, D), k/v (Tk, Hkv, D) with
+    H divisible by Hkv; ``cu_q``/``cu_k`` (S+1,) int32 segment bounds on q's device, ``max_q``/``max_k`` ints;
+    ``scale`` the softmax scale (None: 1/sqrt(D)); ``window`` None or the keys each query sees at most (itself
+    included); ``dropout`` the attention dropout. Returns (Tq, H, D): causal per segment, aligned bottom-right.
+
+    :param dtypes: the dtypes it takes (None: any).
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    dtypes: tuple[torch.dtype, ...] | None = None
+
+    def takes(self, dtype: torch.dtype) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+
+def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   max_q: int, max_k: int, scale: float | None, window: int | None, dropout: float = 0.0) -> torch.Tensor:
+    """SDPA on each segment's slice, q (Tq, H, D) -> (Tq, H, D): causal aligned bottom-right, at Σ lq·lk cost and no
+    (T, T) mask. The bounds are read on the host (one sync per layer: this is the CPU path and the GPU fallback)."""
+    gqa = q.shape[1] != k.shape[1]
+    out = []
+    for qs, qe, ks, ke in zip(*(b.tolist() for b in (cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]))):
+        lq, lk = qe - qs, ke - ks
+        if lq == 0:
+            continue
+        mask = None
+        if lq != lk or (window is not None and window < lk):
+            i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # (lq, 1): each query's own key index
+            j = torch.arange(lk, device=q.device)[None]  # (1, lk)
+            mask = (j <= i) & ((j > i - window) if window is not None else True)  # (lq, lk)
+        seg = [t.transpose(0, 1)[None] for t in (q[qs:qe], k[ks:ke], v[ks:ke])]  # (1, H, l, D)
+        o = F.scaled_dot_product_attention(*seg, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                           scale=scale, enable_gqa=gqa)  # (1, H, lq, D)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+SDPA_SEGMENTS = Kernel("sdpa_segments", _sdpa_segments)
+
+
+def _flash_attn_kernel(varlen_func: Callable) -> Kernel:
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0):
+        return varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale, causal=True,
+                           window_size=(-1, -1) if window is None else (window - 1, 0))
+
+    return Kernel("flash_attn", run, HALF)
+
+
+def _torch_varlen_kernel(varlen_attn: Callable, gqa: bool) -> Kernel:
+    """``varlen_attn`` called with ``scale``/``window_size`` (torch >= 2.10), GQA by ``enable_gqa`` (torch >= 2.12)
+    or by repeating the K/V heads."""
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0):
+        if dropout:
+            raise ValueError(f"torch's varlen_attn has no attention dropout (got {dropout}); set the model's "
+                             f"attention_dropout to 0")
+        extra = {}
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                extra["enable_gqa"] = True
+            else:
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                           window_size=(-1, 0) if window is None else (window - 1, 0), **extra)
+
+    return Kernel("torch_varlen" if gqa else "torch_varlen_kv_repeat", run, HALF)
+
+
+#: every kernel a run can name, by name: :data:`SDPA_SEGMENTS` and what :func:`detect_kernels` found
+KERNELS: dict[str, Kernel] = {SDPA_SEGMENTS.name: SDPA_SEGMENTS}
+_active: Kernel = SDPA_SEGMENTS
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Make ``kernel`` nameable by :func:`activate` (the detected kernels; a test's stand-in)."""
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def activate(name: str) -> Kernel:
+    """The kernel every packed or prefix-shared forward of this process runs on, from now on."""
+    global _active
+    _active = KERNELS[name]
+    return _active
+
+
+def active_kernel() -> Kernel:
+    return _active
+
+
+def detect_kernels() -> tuple[list[Kernel], list[str]]:
+    """The GPU kernel candidates this installation offers, in order, and why each missing one is missing.
+
+    flash-attn is imported for real: a wheel built for another torch (the most common flash-attn failure) fails
+    here with its ABI error, not in the first layer.
+    """
+    found, missing = [], []
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_varlen_func
+
+        version = tuple(int(x) for x in flash_attn.__version__.split(".")[:2])
+        if version < (2, 6):
+            missing.append(f"flash-attn {flash_attn.__version__} is older than 2.6 (no softcap/window arguments)")
+        else:
+            found.append(_flash_attn_kernel(flash_attn_varlen_func))
+    except ModuleNotFoundError as exc:
+        missing.append("flash-attn is not installed" if exc.name == "flash_attn" else f"flash-attn does not import: {exc}")
+    except Exception as exc:  # noqa: BLE001 - an ABI mismatch raises ImportError/OSError/RuntimeError: all fall back
+        missing.append(f"flash-attn does not import: {type(exc).__name__}: {_first_line(exc)}")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        missing.append(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    else:
+        found += [_torch_varlen_kernel(varlen_attn, gqa=True), _torch_varlen_kernel(varlen_attn, gqa=False)]
+    for kernel in found:
+        register_kernel(kernel)
+    return found, missing
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def self_check(kernel: Kernel, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+               device: torch.device, window: int | None = None) -> str | None:
+    """Why ``kernel`` cannot serve this run, or None: one small forward and backward in ``dtype`` with the model's
+    head layout, on three segments (two packed, lq = lk; one prefix-shared, lq < lk), against fp32 SDPA per segment.
+    """
+    if not kernel.takes(dtype):
+        return f"takes {'/'.join(str(d).removeprefix('torch.') for d in kernel.dtypes)} only, the run is {str(dtype).removeprefix('torch.')}"
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [5, 9, 3], [5, 9, 7]
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(sum(lq), heads, head_dim, generator=g)
+    k, v = (torch.randn(sum(lk), kv_heads, head_dim, generator=g) for _ in range(2))
+    grad = torch.randn(sum(lq), heads, head_dim, generator=g)
+    scale = 1 / math.sqrt(head_dim)
+    ref_in = [t.to(device).detach().requires_grad_() for t in (q, k, v)]
+    ref = _sdpa_segments(*ref_in, cu_q, cu_k, max(lq), max(lk), scale, window)
+    ref.backward(grad.to(device))
+    got_in = [t.to(device, dtype).detach().requires_grad_() for t in (q, k, v)]
+    try:
+        out = kernel.run(*got_in, cu_q, cu_k, max(lq), max(lk), scale, window)
+        out.backward(grad.to(device, dtype))
+    except Exception as exc:  # noqa: BLE001 - any failure of the candidate (a TypeError of another signature, a
+        return f"{type(exc).__name__}: {_first_line(exc)}"  # kernel refusing the shapes) is a reason to move on
+    atol = CHECK_ATOL[dtype]
+    for what, a, b in [("output", out, ref)] + [(f"d{n}", x.grad, y.grad) for n, x, y in zip("qkv", got_in, ref_in)]:
+        err = (a.float() - b.float()).abs().max().item()
+        if not err <= atol:
+            return f"{what} differs from fp32 SDPA by {err:.2g} (> {atol:g})"
+    return None
+
+
+def choose_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                  candidates: list[Kernel] | None = None, device: torch.device | None = None) -> tuple[Kernel, list[str]]:
+    """The first candidate that passes :func:`self_check`, else :data:`SDPA_SEGMENTS`; and one reason per candidate
+    passed over (``candidates``: default :func:`detect_kernels`; ``device``: this rank's GPU, else the CPU)."""
+    reasons: list[str] = []
+    if candidates is None:
+        candidates, reasons = detect_kernels()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for kernel in candidates:
+        problem = self_check(kernel, dtype, heads, kv_heads, head_dim, device)
+        if problem is None and window is not None:
+            problem = self_check(kernel, dtype, heads, kv_heads, head_dim, device, window=min(window, 4))
+        if problem is None:
+            return register_kernel(kernel), reasons
+        reasons.append(f"{kernel.name}: {problem}")
+    return SDPA_SEGMENTS, reasons
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -55,99 +244,32 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers attention-function contract: q (1, H, L, D), k/v (1, Hkv, L, D) -> (1, L, H, D), None."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
-    max_seqlen = kwargs.pop("max_length_q", None)
-    cu_kv, max_kv = kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
-    kv_index, q_keep = kwargs.pop(KV_INDEX, None), kwargs.pop(Q_KEEP, None)
-    if cu_seqlens is None:  # not packed: padded batches and generation keep SDPA
+    cu_q, max_q = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
+    cu_k, max_k = kwargs.pop("cu_seq_lens_k", cu_q), kwargs.pop("max_length_k", max_q)
+    kv_index = kwargs.pop(KV_INDEX, None)
+    if cu_q is None:  # not packed: padded batches and generation keep SDPA and transformers' mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN}: a packed batch has one row, got query of shape {tuple(query.shape)}")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{VARLEN}: this model soft-caps its attention logits (softcap={kwargs['softcap']}), which "
+                         f"aligner's packed kernels do not compute; set train.packing=false and "
+                         f"model.attn_implementation=eager")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D), (L, Hkv, D): views, last dim contiguous
     if kv_index is not None:
-        return prefix_shared_attention(query, key, value, cu_seqlens, cu_kv, kv_index, q_keep, int(max_kv),
-                                       scaling, dropout), None
-    if not query.is_cuda:
-        return _per_sequence_sdpa(query, key, value, cu_seqlens.tolist(), scaling, dropout), None
-    return _cuda_varlen(query, key, value, cu_seqlens, int(max_seqlen), scaling), None
-
-
-def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                 max_seqlen: int, scaling: float | None) -> torch.Tensor:
-    """Causal attention inside each sequence on GPU, q (1, H, L, D) -> (1, L, H, D): flash-attn's varlen kernel when
-    installed, else PyTorch's ``varlen_attn`` (query and key bounds equal, so causal alignment cannot differ)."""
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D), (L, Hkv, D)
-    if importlib.util.find_spec("flash_attn") is not None:
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                      softmax_scale=scaling, causal=True)[None]
-    from torch.nn.attention.varlen import varlen_attn
-
-    extra = {}
-    if q.shape[1] != k.shape[1] and "enable_gqa" in inspect.signature(varlen_attn).parameters:
-        extra["enable_gqa"] = True
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
-                      window_size=(-1, 0), **extra)  # (L, H, D)
-    return out[None]
-
-
-def prefix_shared_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
-                            cu_kv: torch.Tensor, kv_index: torch.Tensor, q_keep: torch.Tensor, max_kv: int,
-                            scaling: float | None, dropout: float = 0.0,
-                            equal_length: bool | None = None) -> torch.Tensor:
-    """Attention of a prefix-shared row, q (1, H, L, D), k/v (1, Hkv, L, D) -> (1, L, H, D) (module doc).
-
-    :param cu_q: (2B+1,) the query segments' bounds in the row; ``cu_kv`` (2B+1,) their key segments' bounds in
-        the gathered layout ``kv_index`` (Lk,); ``q_keep`` (L,): each row token's place in that layout.
-    :param equal_length: gather the queries too and run equal-length causal segments (the GPU form; its CPU twin
-        runs per-sequence SDPA); default: on GPU only. Otherwise each segment's queries attend to its keys with a
-        bottom-right causal mask.
-    """
-    k, v = key[:, :, kv_index], value[:, :, kv_index]  # (1, Hkv, Lk, D): the prompt's K/V once per segment
-    equal_length = query.is_cuda if equal_length is None else equal_length
-    if not equal_length:
-        return _bottom_right_sdpa(query, k, v, cu_q.tolist(), cu_kv.tolist(), scaling, dropout)
-    q = query[:, :, kv_index]  # (1, H, Lk, D)
-    if q.is_cuda:
-        out = _cuda_varlen(q, k, v, cu_kv, max_kv, scaling)  # (1, Lk, H, D)
-    else:
-        out = _per_sequence_sdpa(q, k, v, cu_kv.tolist(), scaling, dropout)
-    return out[:, q_keep]  # (1, L, H, D)
-
-
-def _bottom_right_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bounds: list[int],
-                       kv_bounds: list[int], scaling: float | None, dropout: float) -> torch.Tensor:
-    """SDPA per segment, query i of lq against keys 0..i + (lk - lq): causal aligned bottom-right. -> (1, L, H, D)."""
-    gqa = query.shape[1] != key.shape[1]
-    out = []
-    for qs, qe, ks, ke in zip(q_bounds[:-1], q_bounds[1:], kv_bounds[:-1], kv_bounds[1:]):
-        lq, lk = qe - qs, ke - ks
-        if lq == 0:
-            continue
-        mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
-        out.append(F.scaled_dot_product_attention(query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke],
-                                                  attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                                  scale=scaling, enable_gqa=gqa))  # (1, H, lq, D)
-    return torch.cat(out, dim=2).transpose(1, 2)
-
-
-def _per_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
-                       scaling: float | None, dropout: float) -> torch.Tensor:
-    """CPU twin of ``varlen_attn``: causal SDPA on each sequence's own slice, q (1, H, L, D) -> (1, L, H, D).
-
-    The same attention as SDPA over the whole row with a block-diagonal causal
-    mask, without computing the L×L blocks that mask would zero: the cost is
-    Σ len_i² instead of L², and no (L, L) mask is built.
-    """
-    gqa = query.shape[1] != key.shape[1]
-    out = [F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                          dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-           for start, end in zip(bounds[:-1], bounds[1:]) if end > start]  # each (1, H, len, D)
-    return torch.cat(out, dim=2).transpose(1, 2)
+        k, v = k[kv_index], v[kv_index]  # (Lk, Hkv, D): the prompt's K/V once more, for its rejected segment
+    kernel = _active
+    if not kernel.takes(q.dtype):  # fp32 weights in a bf16 run: the forward runs under autocast (aligner/models.py)
+        if not torch.is_autocast_enabled(q.device.type):
+            raise ValueError(f"{VARLEN}: the {kernel.name} kernel takes {kernel.dtypes}, this model's attention runs "
+                             f"in {q.dtype} outside autocast")
+        q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
+    out = kernel.run(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scaling, kwargs.get("sliding_window"), dropout)
+    return out[None], None
 
 
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    """No mask for a batch without padding (the kernel is causal per sequence); SDPA's mask otherwise."""
+    """No mask for a batch without padding (the kernel is causal per segment); SDPA's mask otherwise."""
     from transformers.masking_utils import sdpa_mask
 
     if attention_mask is None:
@@ -165,47 +287,55 @@ def register() -> str:
     return VARLEN
 
 
-def attn_implementation(requested: str, packing: bool, prefix_sharing: bool = False) -> str:
-    """``auto``: this module's function for prefix-shared runs (flash-attn or PyTorch's varlen kernel inside it on
-    GPU); flash-attn's kernel when installed on GPU; this module's varlen function for packed runs (PyTorch's
-    varlen kernel on GPU, per-sequence SDPA on CPU); else SDPA."""
-    if requested == "varlen":
+def attn_implementation(requested: str, packing: bool) -> str:
+    """The transformers attention implementation the models load with: ``auto`` and ``varlen`` are this module's
+    function for packed runs (the kernel inside it chosen at start-up), SDPA for padded ones; a name given by the
+    user is used as it is."""
+    if requested == "varlen" or (requested == "auto" and packing):
         return register()
-    if requested != "auto":
-        return requested
-    if packing and prefix_sharing:
-        return register()
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    if packing:
-        return register()
-    return "sdpa"
+    return "sdpa" if requested == "auto" else requested
 
 
-def has_varlen_kernel() -> bool:
-    """Whether this machine can run packed batches on GPU: flash-attn installed, or PyTorch's ``varlen_attn``."""
-    return importlib.util.find_spec("flash_attn") is not None or importlib.util.find_spec("torch.nn.attention.varlen") is not None
+def takes(attn_implementation: str, dtype: torch.dtype) -> bool:
+    """Whether a model loaded with ``attn_implementation`` can run its attention with ``dtype`` weights: this
+    module's function on the active kernel, transformers' flash-attn integrations (fp16/bf16), the rest (any)."""
+    if attn_implementation == VARLEN:
+        return _active.takes(dtype)
+    return not attn_implementation.startswith("flash_attention") or dtype in HALF
+
+
+def _model_of(model):
+    return getattr(getattr(model, "module", model), "config", None)
+
+
+def _no_mask(device: torch.device) -> dict:
+    """A 4-D placeholder mask for this module's function: transformers returns a 4-D mask as it is
+    (``masking_utils._preprocess_mask_arguments``), which skips its packed-sequence detection (a host sync per
+    forward); the function reads the segment bounds and never this mask."""
+    return {"attention_mask": torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)}
 
 
 def varlen_kwargs(model, batch) -> dict:
     """The ``cu_seq_lens``/``max_length`` forward kwargs of a packed batch (:class:`aligner.data.batch.PackedBatch`),
     for models whose attention reads them."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    if getattr(config, "_attn_implementation", None) not in VARLEN_KERNELS:
+    impl = getattr(_model_of(model), "_attn_implementation", None)
+    if impl not in VARLEN_KERNELS:
         return {}
-    cu = batch.cu_seqlens.to(batch.input_ids.device)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+    device = batch.input_ids.device
+    cu = batch.cu_seqlens.to(device)
+    out = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+    return out | (_no_mask(device) if impl == VARLEN else {})
 
 
 def prefix_shared_kwargs(model, batch) -> dict:
-    """The forward kwargs of a prefix-shared batch (:class:`aligner.data.batch.PrefixSharedBatch`): segment bounds
-    and the gather indices :func:`prefix_shared_attention` reads. Only this module's attention reads them."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    if getattr(config, "_attn_implementation", None) != VARLEN:
+    """The forward kwargs of a prefix-shared batch (:class:`aligner.data.batch.PrefixSharedBatch`): query segment
+    bounds in the row, key segment bounds in the gathered layout, and that layout. Only this module's function
+    reads them."""
+    impl = getattr(_model_of(model), "_attn_implementation", None)
+    if impl != VARLEN:
         raise ValueError(f"a prefix-shared batch needs attn_implementation {VARLEN!r} (model.attn_implementation: auto "
-                         f"or varlen), this model runs {getattr(config, '_attn_implementation', None)!r}; set "
-                         f"train.prefix_sharing=false for it")
+                         f"or varlen), this model runs {impl!r}; set train.prefix_sharing=false for it")
     device = batch.input_ids.device
     return {"cu_seq_lens_q": batch.cu_seqlens.to(device), "cu_seq_lens_k": batch.kv_cu_seqlens.to(device),
             "max_length_q": batch.max_seqlen, "max_length_k": batch.max_kv_seqlen,
-            KV_INDEX: batch.kv_index.to(device), Q_KEEP: batch.q_keep.to(device)}
+            KV_INDEX: batch.kv_index.to(device), **_no_mask(device)}

@@ -101,11 +101,15 @@ def check_compatible(folder: Path, meta: dict[str, Any], expected: dict[str, Any
                 "of the run that wrote it (or null for a full run), or start afresh with --overwrite",
         "world_size": "resume with the same number of ranks (ZeRO shards are per rank)",
         "zero_stage": "resume with the same train.zero_stage",
+        "sequence_parallel": "resume with the same train.sequence_parallel (the sampler's position counts the "
+                             "data-parallel groups' micro-batches)",
     }
+    defaults = {"sequence_parallel": 1}  # checkpoints written before the key existed
     for key, fix in fixes.items():
-        if key in expected and meta.get(key) != expected[key]:
+        saved = meta.get(key, defaults.get(key))
+        if key in expected and saved != expected[key]:
             raise CheckpointError(
-                f"checkpoint {folder} was written with {key} = {meta.get(key)!r}, this run has {expected[key]!r}; {fix}"
+                f"checkpoint {folder} was written with {key} = {saved!r}, this run has {expected[key]!r}; {fix}"
             )
 
 

@@ -78,10 +78,12 @@ class ModelConfig:
     tokenizer: str | None = None
     #: A Jinja chat template (the template text, or the path of a file holding it) that replaces the tokenizer's.
     chat_template: str | None = None
-    #: ``float32`` or ``bfloat16`` (training precision; bf16 uses DeepSpeed's fp32 master weights).
-    dtype: str = "float32"
-    #: ``auto`` (flash_attention_2 if flash-attn is installed on GPU; else, for packed GPU runs, PyTorch's
-    #: varlen kernel; else sdpa), ``sdpa``, ``eager``, ``flash_attention_2``, ``varlen`` (aligner/attention.py).
+    #: ``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32`` or ``bfloat16`` (training
+    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/batch_path.py).
+    dtype: str = "auto"
+    #: ``auto`` (packed runs: aligner's varlen attention, on flash-attn, torch's varlen_attn or SDPA per segment,
+    #: whichever passes the start-up self-check first; padded runs: sdpa), ``sdpa``, ``eager``,
+    #: ``flash_attention_2``, ``varlen`` (aligner/attention.py).
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
@@ -90,7 +92,7 @@ class ModelConfig:
     lora: LoraSection | None = None
 
     def __post_init__(self) -> None:
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2", "varlen"))
 
 
@@ -185,9 +187,12 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
+    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
+    #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "sequence_parallel"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
         _positive("train.dist_timeout_s", self.dist_timeout_s)

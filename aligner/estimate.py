@@ -14,7 +14,9 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
 
 - policy training state: lp params d·P/N, lp gradient partitions d·P/N, fp32
   master 4·P/N, Adam moments 8·P/N, and the fp32 gradient copy DeepSpeed
-  flattens for the optimizer step 4·P/N (``_prepare_fp32_grad_for_sub_group``).
+  flattens for the optimizer step 4·P/N (``_prepare_fp32_grad_for_sub_group``: created per sub-group at each
+  step and released after it, as the buffer ``initialize_optimizer_states`` allocates at setup is; with bf16
+  weights the flattened bf16 copy it is converted from lives beside it, d·min(P/N, sub_group_size)).
   ``train.offload_optimizer`` moves master, moments and fp32 gradients to host
   memory. Params under ``stage3_param_persistence_threshold`` stay whole on
   every rank.
@@ -32,6 +34,11 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
   kv = key/value width, I the MLP width), plus H·L² score and probability
   elements per sequence for eager attention. With gradient checkpointing: h
   per layer and token plus one layer's full set while it is recomputed.
+- ``train.sequence_parallel: N`` (aligner/sequence_parallel.py): every rank holds 1/N of the row's tokens, so
+  the activations, the logits and every frozen or evaluation forward count T/N tokens; per layer and token
+  each rank also keeps what DeepSpeed's two all-to-alls return for backward: the gathered q/k/v of its heads
+  and the attention output before it is sent back (2·h + 2·kv elements). The ZeRO-3 shards still split over
+  all ranks.
 - logits: T·V in the model dtype, and, for the scored tokens, the picked rows
   (d) and their fp32 copy (4) that ``aligner/logps.py`` keeps for backward.
   An evaluation forward (``eval.batch_size`` pairs, no gradients) holds its
@@ -75,12 +82,14 @@ BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 #: Hub IDs whose shape is built in, so that an estimate needs neither network nor cache.
-HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b"}
+#: Llama-3.1-8B has Llama-3-8B's shapes (only its RoPE scaling and context length differ, which memory does not read).
+HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+              "meta-llama/Llama-3.1-8B-Instruct": "llama3-8b", "meta-llama/Llama-3.1-8B": "llama3-8b"}
 
 # DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py), used when the DeepSpeed config leaves them unset.
 DS_DEFAULTS = {
     "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
-    "stage3_param_persistence_threshold": 1e5,
+    "stage3_param_persistence_threshold": 1e5, "sub_group_size": 1e9,
 }
 
 
@@ -272,6 +281,7 @@ class Estimate:
     plan: ModelPlan | None = None
     data_paired: bool | None = None  # None: data.train could not be read here, pairs assumed
     trainable: int = 0  # parameters the optimizer holds state for (under model.lora: the adapters)
+    sequence_parallel: int = 1  # ranks per sequence (train.sequence_parallel)
 
     @property
     def steady_total(self) -> float:
@@ -326,9 +336,17 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
+    cfg = resolved(cfg, device)
     ranks = gpus_per_node * nodes
+    from aligner.sequence_parallel import check_config, head_problem
+
+    check_config(cfg, ranks)  # what the run would refuse, refused here too
+    problem = head_problem(cfg.train.sequence_parallel, shape.num_heads, shape.num_kv_heads)
+    if cfg.train.sequence_parallel > 1 and problem:
+        raise EstimateError(f"train.sequence_parallel={cfg.train.sequence_parallel}: {problem}")
     zero = models.deepspeed_config(cfg).get("zero_optimization", {})
-    est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB)
+    est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB,
+                   sequence_parallel=cfg.train.sequence_parallel)
     est.plan = plan or make_plan(cfg, plugins)
     est.frozen = planned_frozen_models(cfg, plugins, est.plan)
     est.trainable = trainable_params(est, cfg)
@@ -337,6 +355,16 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     _policy_forward(est, cfg)
     _frozen_models(est, cfg, zero, frozen_shapes or {})
     return est
+
+
+def resolved(cfg, device: str):
+    """``cfg`` with ``model.dtype: auto`` resolved as a run on ``device`` resolves it (aligner/batch_path.py)."""
+    import dataclasses
+
+    from aligner.batch_path import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, cuda=device == "gpu")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
 
 
 def _shards(zero: dict[str, Any], ranks: int) -> tuple[int, int, int]:
@@ -372,6 +400,12 @@ def _policy_state(est: Estimate, cfg, zero: dict[str, Any]) -> None:
                                + (f" + {A - T:,} reference adapter (rank {R})" if moved else "") + f", 1/{shard[0]}"))
     est.steady.append(Line("policy gradient partitions", d * T / shard[1], f"{cfg.model.dtype}, 1/{shard[1]}"))
     where.append(Line("policy fp32 gradients", 4 * T / shard[2], "flattened for the optimizer step", "step"))
+    if stage == 3 and not _offloaded(zero, "offload_optimizer") and d != 4:
+        # stage3._prepare_fp32_grad_for_sub_group: flatten(averaged_gradients) (model dtype) then .to(fp32); the
+        # flat copy lives beside the fp32 one until the sub-group's step (sub_group_size elements at most).
+        group = min(T / shard[2], _zero_setting(zero, "sub_group_size"))
+        est.steady.append(Line("policy flattened gradients", d * group, f"{cfg.model.dtype} copy beside the fp32 one, "
+                               f"{int(group):,} elements (one sub-group)", "step"))
     where.append(Line("policy fp32 master", 4 * T / shard[2], "fp32 copy of the partition"))
     where.append(Line("policy Adam moments", 8 * T / shard[2], "exp_avg + exp_avg_sq, fp32"))
 
@@ -419,9 +453,10 @@ def _policy_forward(est: Estimate, cfg) -> None:
     from aligner import attention
 
     shape, d, chunk = est.shape, _bytes(cfg.model.dtype), cfg.train.logps_chunk_tokens
-    B, L = cfg.train.micro_batch_size, cfg.data.max_length
-    T = 2 * B * L  # chosen + rejected, padded to max_length (the worst case)
-    per_layer = shape.activation_elems_per_token_layer() * T * d
+    B, L, sp = cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.sequence_parallel
+    T = sp_tokens(2 * B * L, sp)  # chosen + rejected, padded to max_length (the worst case); this rank's share
+    elems = shape.activation_elems_per_token_layer() + (2 * shape.hidden_size + 2 * shape.kv_width if sp > 1 else 0)
+    per_layer = elems * T * d
     attn = attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing)
     if attn == "eager":
         per_layer += 2 * shape.num_heads * L * L * 2 * B * d  # scores + probabilities
@@ -430,14 +465,20 @@ def _policy_forward(est: Estimate, cfg) -> None:
         act_note = f"gradient checkpointing: {T} tokens x h per layer + one layer recomputed"
     else:
         act = shape.num_layers * per_layer
-        act_note = f"{T} tokens x {shape.num_layers} layers, {attn} attention"
+        act_note = f"{T} tokens x {shape.num_layers} layers, {attn} attention" + (
+            f", 1/{sp} of the row per rank (sequence parallel, all-to-all outputs kept)" if sp > 1 else "")
     est.steady.append(Line("policy activations", act, act_note, "fwd"))
     logits, note = head_bytes(T, shape, d, chunk, grad=True)
     est.steady.append(Line("policy logits", logits, f"{cfg.model.dtype}, {note}", "fwd"))
     if cfg.data.eval:
-        eval_T = 2 * cfg.eval.batch_size * L
+        eval_T = sp_tokens(2 * cfg.eval.batch_size * L, sp)
         est.steady.append(Line("eval forward (transient)", _frozen_forward(eval_T, shape, d, chunk),
                                f"{eval_T} tokens at eval.batch_size, no gradients", "eval"))
+
+
+def sp_tokens(tokens: int, sp: int) -> int:
+    """One rank's share of a row of ``tokens`` under ``train.sequence_parallel: sp`` (padded to a multiple)."""
+    return -(-tokens // sp)
 
 
 def _frozen_forward(tokens: int, shape: ModelShape, d: int, chunk_tokens: int) -> float:
@@ -456,7 +497,7 @@ def _frozen_models(est: Estimate, cfg, zero: dict[str, Any], frozen_shapes: dict
         lines = [Line(f"{fm.role} params", fd * fP / shard[0], f"{fm.dtype}, 1/{shard[0]}, no persistent params"),
                  Line(f"{fm.role} gathered params", fd * min(fP, gathered_limit) if stage == 3 else 0.0, "while it runs")]
         if fm.cached:
-            eval_T = 2 * cfg.eval.batch_size * cfg.data.max_length
+            eval_T = sp_tokens(2 * cfg.eval.batch_size * cfg.data.max_length, cfg.train.sequence_parallel)
             lines.append(Line(f"{fm.role} forward (pre-pass)", _frozen_forward(eval_T, fshape, fd, chunk),
                               f"{eval_T} tokens at eval.batch_size"))
             prepass[fm.role] = lines
@@ -467,7 +508,7 @@ def _frozen_models(est: Estimate, cfg, zero: dict[str, Any], frozen_shapes: dict
     if non_cached:
         # Runs after the policy's forward, whose activations are alive: one transient layer and its logits.
         fshape = frozen_shapes.get(non_cached[0].path, est.shape)
-        T = 2 * cfg.train.micro_batch_size * cfg.data.max_length
+        T = sp_tokens(2 * cfg.train.micro_batch_size * cfg.data.max_length, cfg.train.sequence_parallel)
         fd = max(_bytes(fm.dtype) for fm in non_cached)
         est.steady.append(Line("frozen forward (transient)", _frozen_forward(T, fshape, fd, chunk),
                                f"{T} tokens: logits, picked rows, one layer's MLP", "fwd"))
@@ -492,6 +533,8 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     s = est.shape
     out = [f"model: {s.num_params() / 1e9:.3f}B params ({s.num_layers} layers, hidden {s.hidden_size}, "
            f"vocab {s.vocab_size}); {est.ranks} ranks ({est.gpus_per_node} per node), device {est.device}"
+           + (f"; sequence parallel: {est.sequence_parallel} ranks per sequence, {est.ranks // est.sequence_parallel} "
+              f"data-parallel group{'s' if est.ranks > est.sequence_parallel else ''}" if est.sequence_parallel > 1 else "")
            + (f"; LoRA: {est.trainable:,} trainable params" if est.trainable != s.num_params() else "")]
     frozen = ", ".join(f"{f.role} ({f.dtype}{', cached' if f.cached else ''})" for f in est.frozen) or "none"
     out.append(f"frozen models the plugins build: {frozen}")
@@ -543,6 +586,7 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
     if not Path(args.config).is_file():
         raise EstimateError(f"--config {args.config}: no such file; pass the path of the run's YAML config (see configs/)")
     cfg, plugins = configure(ns)
+    cfg = resolved(cfg, args.device)
     shape, _ = load_shape(args.model_config, cfg.model.name_or_path)
     paired = data_is_paired(cfg)
     plan = make_plan(cfg, plugins, paired_data=paired is not False)
@@ -558,6 +602,7 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
 def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
     return {
         "params": est.shape.num_params(), "trainable_params": est.trainable, "ranks": est.ranks, "device": est.device,
+        "sequence_parallel": est.sequence_parallel,
         "frozen": [f.__dict__ for f in est.frozen],
         "plan": est.plan.to_dict() if est.plan is not None else None, "data_paired": est.data_paired,
         "steady_gib": {line.name: line.bytes / GIB for line in est.steady},

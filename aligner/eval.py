@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from aligner import sequence_parallel
 from aligner.data import Example, UnpairedExample, make_collate
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
 from aligner.plan import ModelPlan, make_plan
@@ -45,12 +46,13 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
     ``kl_pairs`` the mismatched-pair log-probs of every eval batch (rows of real
     examples only) are gathered too.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = sequence_parallel.data_parallel()  # the ranks that share a sequence score the same examples
     built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
     local: list[dict] = []
     local_kl: list[tuple[float, float]] = []
-    collate = make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing)
+    sharded = sequence_parallel.current().size > 1  # then unpaired and KL batches are packed too
+    collate = sequence_parallel.shard_collate(
+        make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing, sharded), pad_token_id)
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate(batch_examples)
         inputs = gather_inputs(batch, engines, static, chunk_tokens)
@@ -67,9 +69,11 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
                 if index < n_real:
                     ref = inputs.kl_reference[k] if inputs.kl_reference is not None else float("nan")
                     local_kl.append((float(inputs.kl_policy[k]), float(ref)))
+    if sequence_parallel.current().rank:  # its group's first rank speaks for it: each example once
+        local, local_kl = [], []
     gathered = [(local, local_kl)]
-    if world > 1:
-        gathered = [None] * world
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (local, local_kl))
     rows = sorted((r for part, _ in gathered for r in part), key=lambda r: (r["id"], r["side"]))
     chosen = [r for r in rows if r["side"] == "chosen"]

@@ -11,19 +11,22 @@ micro-batch on any rank had a value.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from aligner.comm import comm_device
 
-def reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of scalars over all ranks (every rank must pass the same keys)."""
+
+def reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Average a dict of scalars (floats, or 0-d tensors on any device) over all ranks (every rank must pass the
+    same keys): one all-reduce on the backend's device and one read back to the host for all of them."""
     if not values:
         return {}
     keys = sorted(values)
-    vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    device = comm_device()
+    vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device) for k in keys])  # (K,)
     present = ~vec.isnan()
     sums_counts = torch.stack([vec.nan_to_num(0.0), present.double()])  # (2, K)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -33,20 +36,23 @@ def reduce_mean(values: dict[str, float]) -> dict[str, float]:
 
 
 class StepMetrics:
-    """Accumulates the metric tensors of one optimizer step's micro-batches."""
+    """Accumulates the metric values of one optimizer step's micro-batches where they are (on the GPU: no host
+    sync per metric and micro-batch); a NaN is "no value this micro-batch"."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for key, value in metrics.items():
-            value = float(value)
-            self.sums[key] += 0.0 if value != value else value  # NaN: no value this micro-batch
-            self.counts[key] += 0 if value != value else 1
+            value = torch.as_tensor(value).detach().double()
+            present = ~value.isnan()
+            self.sums[key] = self.sums.get(key, 0.0) + value.nan_to_num(0.0)
+            self.counts[key] = self.counts.get(key, 0) + present.double()
 
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan") for k in self.sums}
+    def means(self) -> dict[str, torch.Tensor]:
+        """Per key, the mean over the micro-batches that had a value (NaN where none had): 0-d tensors."""
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
 class TensorBoardLogger:

@@ -55,7 +55,9 @@ def _picked_logps(picked: torch.Tensor, targets: torch.Tensor, chunk_size: int =
     for chunk, target in zip(picked.split(chunk_size), targets.split(chunk_size)):
         chunk = chunk.float()  # (c, V): the only fp32 copy, one chunk at a time
         out.append(chunk.gather(-1, target[:, None]).squeeze(-1) - chunk.logsumexp(-1))
-    return torch.cat(out) if out else picked.new_zeros(0, dtype=torch.float32)
+    # No target (a sequence-parallel rank holding prompt tokens only): an empty result that still depends on the
+    # logits, so this rank's backward runs through every layer like its peers' (their collectives pair up).
+    return torch.cat(out) if out else picked.float().sum(-1)
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
@@ -118,8 +120,8 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     The largest logits tensor alive, forward or backward, is (chunk_tokens, V):
     the backward pass recomputes each chunk's logits (:class:`_ChunkedHeadLogps`).
     """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:  # as in _picked_logps: empty, yet in the graph of the head and every layer below it
+        return F.linear(hidden, weight, bias).float().sum(-1)
     return _ChunkedHeadLogps.apply(hidden, weight, bias, targets, chunk_tokens)
 
 
@@ -181,8 +183,10 @@ def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tenso
         ``[chosen..., rejected...]``.
     """
     device = next(getattr(model, "module", model).parameters()).device  # batches are built on the host
+    # The index is computed on the host, where the batch was built: nonzero() and mask indexing on a GPU tensor
+    # would each wait for the GPU.
+    positions, targets, owner = (t.to(device) for t in batch.score_index())  # (M,) each
     batch = batch.to(device)
-    positions, targets, owner = batch.score_index()  # (M,) each
     n_seqs = batch.n_sequences
     if chunk_tokens:
         with _scoring_head(model, positions, targets, chunk_tokens):
@@ -192,7 +196,7 @@ def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tenso
         token_logps = _picked_logps(logits.flatten(0, 1)[positions], targets)  # (M,)
     summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
-    return summed, counts
+    return batch.whole_sequences(summed, counts)  # a sequence-parallel shard's partial sums, summed over its group
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aligner.comm import comm_device
 from aligner.lora import POLICY_ADAPTER, REFERENCE_ADAPTER, lora_layers
 
 ADAPTER_FILE = "reference_adapter.safetensors"
@@ -132,17 +133,17 @@ def adapter_distance(engine) -> tuple[float, float]:
 def base_norm_squared(engine) -> float:
     """‖θ₀‖² over the base's weights (every parameter outside the adapters), from local storage; summed over
     ranks under ZeRO-3. Collective."""
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=comm_device())
     partitioned = False
     for name, p in engine.module.named_parameters():
         if ".lora_" in name:
             continue
         storage = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
         partitioned |= hasattr(p, "ds_tensor")
-        total += storage.detach().double().square().sum().cpu()
+        total += storage.detach().double().square().sum().to(total.device)
     if partitioned and dist.is_initialized():
         dist.all_reduce(total)
-    return float(total)
+    return total.item()
 
 
 def save_adapter(directory: Path, engine) -> Path:

@@ -58,6 +58,10 @@ def init_distributed(timeout_s: int = 1800) -> None:
     # nothing a user can act on, and it fills the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
                             category=FutureWarning)
+    if torch.cuda.is_available():
+        # Before any collective: NCCL binds this rank's communicator to its GPU, and torch's object collectives
+        # (all_gather_object) put their tensors on the *current* device, which is cuda:0 on every rank otherwise.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 
@@ -139,24 +143,52 @@ def run_tokenizer(cfg: RunConfig, policy_path: Path):
 
 
 def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (default ``model.dtype``); under ZeRO-3 the weights
-    are partitioned while loading."""
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (default ``model.dtype``, resolved by
+    aligner/batch_path.py); under ZeRO-3 the weights are partitioned while loading.
+
+    A model whose weights' dtype the run's attention kernel does not take (the fp32 reference a trust-region
+    plugin moves, in a bf16 run on flash kernels) runs its forward under autocast to ``model.dtype``: its shards
+    stay fp32 for exact mixing, its matmuls and attention run as the policy's do.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch_dtype(dtype or cfg.model.dtype),
-        attn_implementation=attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing, cfg.train.prefix_sharing),
-        trust_remote_code=cfg.model.trust_remote_code,
-        use_safetensors=None,
-    )
+    attn = attention.attn_implementation(cfg.model.attn_implementation, cfg.train.packing)
+    weights = torch_dtype(dtype or cfg.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=weights, attn_implementation=attn,
+                                                 trust_remote_code=cfg.model.trust_remote_code, use_safetensors=None)
     model.config.use_cache = False
+    run_dtype = torch_dtype(cfg.model.dtype)
+    if weights != run_dtype and not attention.takes(attn, weights):
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        model.forward = torch.autocast(device_type, dtype=run_dtype)(model.forward)
     return model
 
 
-def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The policy's DeepSpeed config, generated from ``train.*`` then overridden by ``train.deepspeed_config``."""
+def host_adam_problem() -> str | None:
+    """Why DeepSpeed's CPU Adam (the ``cpu_adam`` C++ op, built on first use and cached in
+    ``TORCH_EXTENSIONS_DIR``) cannot step an offloaded optimizer here, or None when it loads."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        builder = CPUAdamBuilder()
+        if not builder.is_compatible(verbose=False):
+            return "DeepSpeed's cpu_adam op is not compatible with this machine"
+        builder.load(verbose=False)
+    except Exception as exc:  # noqa: BLE001 - a compiler missing, a build error: fall back, with the reason
+        text = str(exc).strip().splitlines()
+        return f"DeepSpeed's cpu_adam op does not build: {type(exc).__name__}: {text[0][:200] if text else ''}"
+    return None
+
+
+def deepspeed_config(cfg: RunConfig, cpu_adam: bool = False) -> dict[str, Any]:
+    """The policy's DeepSpeed config, generated from ``train.*`` then overridden by ``train.deepspeed_config``.
+
+    :param cpu_adam: with ``train.offload_optimizer``, step the host optimizer with DeepSpeed's vectorised
+        ``DeepSpeedCPUAdam`` (:func:`host_adam_problem` says whether it loads) instead of ``torch.optim.AdamW``,
+        which is about 10x slower on the host (benchmarks/RESULTS.md, optimizer step).
+    """
     t = cfg.train
+    host_adam = cpu_adam and t.offload_optimizer
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -166,11 +198,12 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.max_grad_norm,
-        # torch_adam: torch.optim.AdamW, no JIT-compiled fused Adam (PLATFORM.md: identical losses).
+        # torch_adam: torch.optim.AdamW, no JIT-compiled fused Adam (PLATFORM.md: identical losses); offloaded,
+        # DeepSpeedCPUAdam where its op builds.
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                   "weight_decay": t.weight_decay, "torch_adam": True}},
+                                                   "weight_decay": t.weight_decay, "torch_adam": not host_adam}},
         "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": False,
+        "zero_force_ds_cpu_optimizer": host_adam,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -230,9 +263,11 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
-def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False):
+def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False,
+                        mpu: Any = None):
     """The policy's training engine; under ``model.lora`` a ``PeftModel`` whose adapters alone train
-    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py)."""
+    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py). ``mpu``: DeepSpeed's
+    sequence-parallel groups (aligner/sequence_parallel.py), or None."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -249,14 +284,16 @@ def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], ref
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_conf,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        mpu=mpu,
     )
     return engine
 
 
-def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp32: bool = False):
+def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp32: bool = False, mpu: Any = None):
     """A ZeRO inference engine for the reference or the anchor (no optimizer, no gradients).
 
-    ``fp32=True`` loads the weights in fp32 (pair it with ``frozen_deepspeed_config(..., fp32=True)``).
+    ``fp32=True`` loads the weights in fp32 (pair it with ``frozen_deepspeed_config(..., fp32=True)``);
+    ``mpu`` as for :func:`build_policy_engine`.
     """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -264,6 +301,6 @@ def build_frozen_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], fp3
     hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
     model = load_model(path, cfg, "float32" if fp32 else None)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_conf)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_conf, mpu=mpu)
     engine.eval()
     return engine

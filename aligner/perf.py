@@ -25,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from aligner.comm import comm_device
 from aligner.data.batch import Batch
 from aligner.hookspecs import Engines
 
@@ -92,24 +93,27 @@ class PerfMeter:
         """Add one micro-batch (padded or packed) to the current step."""
         lengths = batch.sequence_lengths().double()
         self.tokens += batch.real_tokens()
-        self.flops += float((6 + 2 * self.n_frozen) * (self.n_params * lengths + self.attn_per_token2 * lengths**2).sum())
+        flops = (6 + 2 * self.n_frozen) * (self.n_params * lengths + self.attn_per_token2 * lengths**2).sum()
+        self.flops += batch.work_share * float(flops)  # a sequence-parallel rank does 1/N of its row's work
 
     def step_metrics(self, elapsed: float) -> dict[str, float]:
         """The step's ``perf/*`` values over all ranks (a collective: every rank calls it), then reset."""
         cpu = time.process_time() - self.cpu_started
-        sums = torch.tensor([self.tokens, self.flops / elapsed, cpu], dtype=torch.float64)
-        maxes = torch.tensor([elapsed, peak_mem_gib(), self.tokens], dtype=torch.float64)
+        device = comm_device()
+        sums = torch.tensor([self.tokens, self.flops / elapsed, cpu], dtype=torch.float64, device=device)
+        maxes = torch.tensor([elapsed, peak_mem_gib(), self.tokens], dtype=torch.float64, device=device)
         world = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             dist.all_reduce(sums)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        (tokens, flops, cpu), (slowest, peak_mem, busiest) = sums.tolist(), maxes.tolist()
         # A step ends when its slowest rank does: the job's tokens over that time.
-        out = {"perf/tokens_per_s": float(sums[0] / maxes[0]), "perf/step_time_s": float(maxes[0]),
-               "perf/peak_mem_gib": float(maxes[1]), "perf/cpu_s": float(sums[2]),
+        out = {"perf/tokens_per_s": tokens / slowest, "perf/step_time_s": slowest, "perf/peak_mem_gib": peak_mem,
+               "perf/cpu_s": cpu,
                # the busiest rank's real tokens over the mean rank's: 1.0 when balanced (train.balance_ranks)
-               "perf/rank_imbalance": float(maxes[2] * world / sums[0]) if sums[0] else 1.0}
+               "perf/rank_imbalance": busiest * world / tokens if tokens else 1.0}
         if self.peak:
-            out["perf/mfu"] = float(sums[1]) / (self.peak * world)
+            out["perf/mfu"] = flops / (self.peak * world)
         self.tokens, self.flops = 0, 0.0
         return out

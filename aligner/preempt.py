@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aligner.comm import comm_device
+
 log = logging.getLogger("aligner")
 #: The exit code of a run stopped by a signal (or by its launcher's exit) after saving a checkpoint.
 EXIT_PREEMPTED = 5
@@ -132,10 +134,11 @@ class StopWatch:
     def decide(self) -> tuple[bool, bool]:
         """(stop now, save now by the clock), the same on every rank. Collective: once per optimizer step."""
         due = self.rank == 0 and self.save_every_s > 0 and time.monotonic() - self.last_save >= self.save_every_s
-        flags = torch.tensor([float(self.reason is not None), float(due)])
+        flags = torch.tensor([float(self.reason is not None), float(due)], device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        stop, save = flags.tolist()
+        return bool(stop), bool(save)
 
     def reasons(self) -> list[str]:
         """Why each rank that asked to stop did (collective)."""

@@ -189,9 +189,9 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
              chunk_tokens: int = 0, collate: Callable | None = None) -> dict:
     """This rank's share of ``examples`` through ``engine``, gathered onto every rank."""
     from aligner.eval import shard_batches
+    from aligner.sequence_parallel import data_parallel
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = data_parallel()  # the ranks that share a sequence score the same examples (alike: a dict merges them)
     local = {}
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         scored = score_pairs(engine, batch_examples, len(batch_examples), pad_token_id, chunk_tokens, collate)  # one forward
@@ -199,8 +199,8 @@ def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_t
         for i, ex in enumerate(batch_examples[:n_real]):
             local[(split, ex.id)] = (float(chosen[i]), float(rejected[i]), example_digest(ex))
     parts = [local]
-    if world > 1:
-        parts = [None] * world
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, local)
     return {k: v for part in parts for k, v in part.items()}
 

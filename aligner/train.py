@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, static_logps, teardown
+from aligner import (attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, sequence_parallel,
+                     static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
 from aligner.eval import evaluate
@@ -170,14 +171,18 @@ def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
     return paths
 
 
-def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> Engines:
+def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=None) -> Engines:
     """The policy's training engine and an inference engine for each ``live`` model of the plan; a model that
-    ``shares`` another's is that engine."""
+    ``shares`` another's is that engine. ``mpu``: DeepSpeed's sequence-parallel groups (aligner/sequence_parallel.py)."""
     from aligner.lora import REFERENCE_ADAPTER, PolicyView
 
-    ds_conf = models.deepspeed_config(cfg)
+    problem = models.host_adam_problem() if cfg.train.offload_optimizer else "not offloaded"
+    if cfg.train.offload_optimizer and rank_and_world()[0] == 0:
+        log.info("offloaded optimizer: %s", "DeepSpeedCPUAdam" if problem is None else
+                 f"torch.optim.AdamW, the slow fallback ({problem})")
+    ds_conf = models.deepspeed_config(cfg, cpu_adam=problem is None)
     reference_adapter = any(spec.adapters == "reference" for spec in plan.frozen())
-    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter)}
+    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter, mpu)}
     for spec in plan.with_state("live", own=False):
         if spec.shares == "policy":  # under LoRA: the policy engine, its adapters off or switched (aligner/lora.py)
             built[spec.name] = PolicyView(built["policy"], REFERENCE_ADAPTER if spec.adapters == "reference" else None)
@@ -190,24 +195,28 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path]) -> En
                      "own (a second copy of the weights)", spec.name, spec.source)
         fp32 = spec.dtype == "float32"  # a moved reference (aligner/trust_region.py: bf16 loses small updates)
         built[spec.name] = models.build_frozen_engine(paths[spec.name], cfg, models.frozen_deepspeed_config(ds_conf, fp32=fp32),
-                                                      fp32=fp32)
+                                                      fp32=fp32, mpu=mpu)
     return Engines(**built)
 
 
 def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], splits: dict,
-                        pad_id: int) -> dict[str, static_logps.StaticLogps]:
-    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one)."""
+                        pad_id: int, layout: sequence_parallel.Layout | None = None) -> dict[str, static_logps.StaticLogps]:
+    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one); under
+    sequence parallelism (``layout``) the pre-pass shards its rows like the steps."""
     cached = {spec.name: paths[spec.name] for spec in plan.with_state("cached", own=False)}
     if not cached:
         return {}
     frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
     t = cfg.train
+    layout = layout or sequence_parallel.Layout()
     return static_logps.prepare(
         cached, splits, cfg.output_dir, cfg.model.dtype,
-        attention.attn_implementation(cfg.model.attn_implementation, t.packing, t.prefix_sharing),
-        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf),
+        attention.attn_implementation(cfg.model.attn_implementation, t.packing),
+        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf,
+                                                                                          mpu=layout.mpu),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
-        collate=make_collate(t.packing, pad_id, False, cfg.data.max_length, t.prefix_sharing))
+        collate=sequence_parallel.shard_collate(make_collate(t.packing, pad_id, False, cfg.data.max_length,
+                                                             t.prefix_sharing, layout.size > 1), pad_id, layout))
 
 
 def what_was_built(plan: ModelPlan, engines: Engines, static: dict) -> dict[str, dict]:
@@ -234,7 +243,7 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
             "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage,
-            "lora": cfg.to_dict()["model"]["lora"]}
+            "lora": cfg.to_dict()["model"]["lora"], "sequence_parallel": cfg.train.sequence_parallel}
 
 
 def is_paired(*splits: list) -> bool:
@@ -259,6 +268,7 @@ class Recipe:
         launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
         models.init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = rank_and_world()
+        self.layout = sequence_parallel.layout_for(cfg, self.rank, self.world)  # refuses what cannot be sharded
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
@@ -275,25 +285,32 @@ class Recipe:
         if self.resume_meta is not None:  # refuse a checkpoint of another run before building anything
             checkpoint.check_compatible(self.resume_from, self.resume_meta, self.meta)
         self.setup_data()
-        self.plan = make_plan(cfg, self.plugins, paired_data=is_paired(self.train_set, self.eval_set))
-        self.path = batch_path.decide_for_run(cfg, self.paths["policy"], is_paired(self.train_set, self.eval_set),
-                                              self.plan.needs("kl_pairs"))
-        self.cfg = cfg = self.path.apply(cfg)  # everything from here reads the switches as decided
+        paired = is_paired(self.train_set, self.eval_set)
+        self.path = batch_path.decide_for_run(cfg, self.paths["policy"], paired,
+                                              "kl_pairs" in self.plugins.required_inputs(cfg))
+        self.cfg = cfg = self.path.apply(cfg)  # everything from here reads the dtype and switches as decided
+        self.plan = make_plan(cfg, self.plugins, paired_data=paired)
         if self.rank == 0:
             log.info("batch path: %s", self.path.describe())
+        self.layout = sequence_parallel.setup(cfg, self.path, self.paths["policy"], self.layout)
+        if self.rank == 0 and self.layout.size > 1:
+            log.info("sequence parallel: %s", self.layout.describe())
         self.setup_models()
         self.start_step = self.restore() if self.resume_from is not None else 0
         self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
         teardown.register(self.tb.close)
-        self.collate = make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
-                                    cfg.train.prefix_sharing)
+        self.collate = sequence_parallel.shard_collate(
+            make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
+                         cfg.train.prefix_sharing, self.layout.size > 1), self.pad_id, self.layout)
         return self
 
     def setup_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.eval_set = load_examples(self.tokenizer, cfg, self.plugins)
         try:  # too few rows for one step: the same on every rank, before any engine is built
-            self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.rank, self.world,
+            # The data is sharded over the data-parallel groups: the ranks that share a sequence draw alike.
+            self.sampler = PairSampler(len(self.train_set), cfg.train.micro_batch_size, self.layout.dp_rank,
+                                       self.layout.dp_world,
                                        cfg.train.seed, cfg.data.shuffle,
                                        example_lengths(self.train_set) if cfg.train.balance_ranks else None)
         except ValueError as exc:
@@ -314,8 +331,9 @@ class Recipe:
     def setup_models(self) -> None:
         """The static caches first (their pre-pass runs before the policy exists), then the engines."""
         static = cache_static_models(self.cfg, self.plan, self.paths,
-                                     {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id)
-        self.engines = build_engines(self.cfg, self.plan, self.paths)
+                                     {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id,
+                                     self.layout)
+        self.engines = build_engines(self.cfg, self.plan, self.paths, self.layout.mpu)
         self.policy = self.engines.policy
         self.train_static = {name: cache.split("train") for name, cache in static.items()}
         self.eval_static = {name: cache.split("eval") for name, cache in static.items()}
@@ -360,6 +378,7 @@ class Recipe:
             self.run_eval(0)
         self.batches = iter(self.sampler)
         self.meter = perf.PerfMeter(self.engines, cfg.model.dtype)
+        self.check_each_loss = nonfinite.checks_each_loss(self.policy, cfg.train.on_nonfinite)
         bar = progress_bar(cfg.train.max_steps, self.start_step, self.rank)
         teardown.register(bar.close)
         step = self.start_step
@@ -380,18 +399,18 @@ class Recipe:
         self.meter.start()
         metrics = StepMetrics()
         resume_point = (self.sampler.state_dict(), checkpoint.rng_state())  # for a stop before this step's update
-        skipped, step_ids, done = 0, [], 0
+        skipped, losses, done = 0, [], 0
         while done < cfg.train.grad_accum:
             batch = self.collate([self.train_set[i] for i in next(self.batches)])
             inputs = gather_inputs(batch, self.engines, self.train_static, cfg.train.logps_chunk_tokens)
             loss, step_metrics = total_loss(self.plugins, inputs, cfg)
-            if not nonfinite.loss_is_finite(loss):  # every rank agrees, so all skip or stop together
+            if self.check_each_loss and not nonfinite.loss_is_finite(loss):  # every rank agrees: all skip or stop
                 skipped = self.skip_nonfinite(step, skipped, batch, loss, resume_point)
                 continue
-            step_ids += batch.ids
+            losses.append((loss.detach(), batch.ids))
             self.policy.backward(loss)
-            if done == cfg.train.grad_accum - 1 and not nonfinite.grads_are_finite(self.policy):
-                self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks(step_ids), resume_point)
+            if done == cfg.train.grad_accum - 1 and not nonfinite.step_is_finite(self.policy, [l for l, _ in losses]):
+                self.stop_on_nonfinite_step(step, losses, resume_point)
             self.policy.step()
             done += 1
             metrics.add(step_metrics)
@@ -438,6 +457,15 @@ class Recipe:
         if self.rank == 0:
             log.warning("step %d: non-finite loss, micro-batch skipped (examples %s)", step, ", ".join(bad_ids))
         return skipped + 1
+
+    def stop_on_nonfinite_step(self, step: int, losses: list[tuple[torch.Tensor, list[str]]], resume_point: tuple) -> None:
+        """A non-finite loss or gradient at the step's end: stop, naming the micro-batches whose loss was not finite
+        (on any rank), else every example of the step (collective: every rank gets here together)."""
+        bad = nonfinite.ids_on_all_ranks([i for loss, ids in losses if not torch.isfinite(loss).all() for i in ids])
+        if bad:
+            self.stop_nonfinite(step, "loss", bad, resume_point)
+        self.stop_nonfinite(step, "gradient", nonfinite.ids_on_all_ranks([i for _, ids in losses for i in ids]),
+                            resume_point)
 
     def stop_nonfinite(self, step: int, what: str, ids: list[str], resume_point: tuple[dict, dict]) -> None:
         """Save the state after step - 1 (the step's update is not applied) and stop with the step and examples."""
@@ -544,9 +572,17 @@ def report(code: int, line: str) -> int:
     return code
 
 
+#: Collective errors that are this rank's own mistake (a tensor on the wrong device for the backend), not a lost
+#: peer: they keep their traceback, which names the cause.
+MISUSE = ("No backend type associated with device type", "backend constrained to", "ncclInvalidUsage",
+          "invalid usage", "Tensors must be CUDA", "Expected all tensors to be on the same device")
+
+
 def lost_peer(exc: BaseException) -> bool:
     """A collective failed because another rank of the job died or hung (gloo/NCCL transport error or timeout)."""
     text = str(exc)
+    if any(k in text for k in MISUSE):
+        return False
     return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo/transport", "NCCL", "Connection reset by peer",
                                                                       "Connection closed by peer", "Timed out waiting"))
 

@@ -144,14 +144,14 @@ def mix_into_reference(engines: Engines, alpha: float) -> None:
 @torch.no_grad()
 def relative_distance(engines: Engines) -> float:
     """‖θ_ref − θ‖ / ‖θ‖ over all parameters (fp32), from local storage; summed across ranks under ZeRO-3."""
-    from deepspeed.accelerator import get_accelerator
+    from aligner.comm import comm_device
 
     if _adapter_reference(engines):  # LoRA: the numerator from the factors, over the base's norm ‖θ₀‖
         from aligner.lora_trust_region import adapter_distance, base_norm_squared
 
         diff, _ = adapter_distance(engines.policy)
         return float(max(diff, 0.0) ** 0.5 / max(base_norm_squared(engines.policy), 1e-60) ** 0.5)
-    sums = torch.zeros(2, dtype=torch.float64, device=get_accelerator().current_device_name())
+    sums = torch.zeros(2, dtype=torch.float64, device=comm_device())
     partitioned = False
     for name, pol, ref in _named_pairs(engines):
         storage = _reference_storage(name, ref)
@@ -161,7 +161,7 @@ def relative_distance(engines: Engines) -> float:
         sums[1] += master.double().square().sum().to(sums.device)
     if partitioned and dist.is_initialized():
         dist.all_reduce(sums)  # the partitions are disjoint: the sums add up to the whole model's
-    return float(sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-30))
+    return (sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-30)).item()
 
 
 def reference_file(directory: Path, rank: int) -> Path:

@@ -10,21 +10,13 @@
 # $PYTHON). LORA_R (16), STEPS (4). Writes $WORK/lora_8b.md and appends it to benchmarks/RESULTS.md when WRITE=1.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python3); fi
-fi
+source "$(dirname "$0")/gpu_env.sh"
 WORK=${WORK:-/tmp/aligner-lora-8b}
 STEPS=${STEPS:-4}
 LORA_R=${LORA_R:-16}
 CONFIG=configs/llama3-8b-zero3.yaml
 PLUGINS=dpo,tr_soft,flipguard
-export HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$WORK"
-if ! "$PYTHON" -c "import importlib.metadata as m; m.distribution('aligner')" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || "$PYTHON" -m pip install -q --user --no-deps --no-build-isolation -e .
-fi
 
 # 1 GPU, micro-batch 1 x 2048 tokens, chunked head, packing, the static cache off (the anchor is the policy
 # engine with adapters off), tr_soft every 2 steps so the reference adapter moves during the run.
@@ -41,8 +33,8 @@ echo "== estimate: 32 layers, LoRA r=$LORA_R, 1 GPU ($PLUGINS)"
     --set "${SETS[@]}" "model.name_or_path=$MODEL"
 rm -rf "$WORK/run"
 echo "== training 32 layers, LoRA r=$LORA_R, $STEPS steps, --plugins $PLUGINS"
-"$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config "$CONFIG" \
-    --plugins "$PLUGINS,rss_probe:probe" --set "${SETS[@]}" "model.name_or_path=$MODEL" 2>&1 | tee "$WORK/train.log"
+train_once "$WORK/train.log" --config "$CONFIG" --plugins "$PLUGINS,rss_probe:probe" --set "${SETS[@]}" \
+    "model.name_or_path=$MODEL"
 "$PYTHON" benchmarks/scale_8b.py summarize "$WORK/run" --config "$CONFIG" --plugins "$PLUGINS" --layers 32 \
     --set "${SETS[@]}" "model.name_or_path=$MODEL" | tee "$WORK/lora_8b.md"
 if [ "${WRITE:-0}" = 1 ]; then

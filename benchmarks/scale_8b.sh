@@ -3,7 +3,7 @@
 # the optimizer offloaded to CPU, with --plugins tr_soft,flipguard (dpo when those are not installed).
 # Prints step time, peak GPU and host memory, and aligner-estimate's prediction beside them. When the
 # estimate says 32 layers cannot fit (GPU_MEM_GIB / HOST_MEM_GIB), it runs the largest layer count that does,
-# and prints the estimate for all 32 layers on 8 GPUs.
+# and prints the estimate for all 32 layers on 8 GPUs. One run: a failure stops the script with its error.
 #
 #   bash benchmarks/scale_8b.sh            # from the repository root, on a machine with one GPU
 #
@@ -12,22 +12,13 @@
 # Writes the table to $WORK/scale_8b.md and appends it to benchmarks/RESULTS.md when WRITE=1.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python3); fi
-fi
+source "$(dirname "$0")/gpu_env.sh"
 WORK=${WORK:-/tmp/aligner-scale-8b}
 STEPS=${STEPS:-4}
 GPU_MEM_GIB=${GPU_MEM_GIB:-78}
 HOST_MEM_GIB=${HOST_MEM_GIB:-110}
 CONFIG=configs/llama3-8b-zero3-offload.yaml
-export HF_HUB_OFFLINE=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$WORK"
-# The plugins are found through entry points: install aligner (editable, no dependencies) if it is not yet.
-if ! "$PYTHON" -c "import importlib.metadata as m; m.distribution('aligner')" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || "$PYTHON" -m pip install -q --user --no-deps --no-build-isolation -e .
-fi
 
 PLUGINS=$("$PYTHON" benchmarks/scale_8b.py plugins)
 # The run: 1 GPU, micro-batch 1 x 2048 tokens, no accumulation, no eval, a few steps.
@@ -47,21 +38,12 @@ fi
 [ "$LAYERS" -ge 1 ] || { echo "scale_8b: not even one layer fits by the estimate" >&2; exit 1; }
 
 "$PYTHON" benchmarks/scale_8b.py write-data "$WORK/pairs.jsonl" --pairs $((STEPS * 2)) --tokens 2048
-while :; do
-    MODEL="$WORK/model-$LAYERS"
-    [ -f "$MODEL/config.json" ] || "$PYTHON" benchmarks/scale_8b.py write-model "$MODEL" --layers "$LAYERS"
-    rm -rf "$WORK/run"
-    echo "== training $LAYERS layers, $STEPS steps, --plugins $PLUGINS"
-    if "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config "$CONFIG" \
-        --plugins "$PLUGINS,rss_probe:probe" --set "${SETS[@]}" "model.name_or_path=$MODEL" 2>&1 | tee "$WORK/train.log" \
-        && [ -f "$WORK/run/rss_rank0.json" ]; then
-        break
-    fi
-    echo "== $LAYERS layers failed (see $WORK/train.log); trying fewer"
-    rm -rf "$MODEL"
-    LAYERS=$((LAYERS * 3 / 4))
-    [ "$LAYERS" -ge 1 ] || { echo "scale_8b: no layer count ran" >&2; exit 1; }
-done
+MODEL="$WORK/model-$LAYERS"
+[ -f "$MODEL/config.json" ] || "$PYTHON" benchmarks/scale_8b.py write-model "$MODEL" --layers "$LAYERS"
+rm -rf "$WORK/run"
+echo "== training $LAYERS layers, $STEPS steps, --plugins $PLUGINS"
+train_once "$WORK/train.log" --config "$CONFIG" --plugins "$PLUGINS,rss_probe:probe" --set "${SETS[@]}" \
+    "model.name_or_path=$MODEL"
 
 "$PYTHON" benchmarks/scale_8b.py summarize "$WORK/run" --config "$CONFIG" --plugins "$PLUGINS" --layers "$LAYERS" \
     --set "${SETS[@]}" "model.name_or_path=$MODEL" | tee "$WORK/scale_8b.md"

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from aligner.comm import comm_device
 from aligner.hookspecs import DatasetSummary, LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
 
 NAME = "kto"
@@ -77,8 +78,9 @@ def kl_baseline(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Te
     diff = (kl_policy - kl_reference).detach()
     stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        stats = stats.to(comm_device())  # the backend's device (NCCL: this rank's GPU)
         dist.all_reduce(stats)
-    return (stats[0] / stats[1]).clamp(min=0)
+    return (stats[0] / stats[1]).clamp(min=0).to(diff.device)
 
 
 def kto_loss(policy_desirable: torch.Tensor, ref_desirable: torch.Tensor, policy_undesirable: torch.Tensor,

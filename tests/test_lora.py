@@ -101,7 +101,8 @@ def test_the_plan_takes_the_reference_and_the_anchor_from_the_policy_engine():
     plan = make_plan(cfg, plugins)
     assert (plan.get("reference").shares, plan.get("reference").adapters) == ("policy", "off")
     assert plan.get("anchor").shares == "reference"  # one adapters-off forward for both
-    cfg, plugins = config("model.lora.r=4", "train.cache_static_logps=false", plugins="dpo,tr_soft,flipguard")
+    cfg, plugins = config("model.lora.r=4", "train.cache_static_logps=false", "model.dtype=float32",
+                          plugins="dpo,tr_soft,flipguard")
     plan = make_plan(cfg, plugins)
     ref, anchor = plan.get("reference"), plan.get("anchor")
     assert (ref.shares, ref.adapters, ref.moves, ref.dtype) == ("policy", "reference", True, "float32")

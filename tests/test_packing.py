@@ -86,7 +86,9 @@ def test_varlen_attention_cpu_twin_matches_padded_sdpa_and_reads_cu_seqlens(rand
 
     varlen = AutoModelForCausalLM.from_pretrained(random_model_dir, attn_implementation=attention.register()).eval()
     packed = pack_pairs(examples)
-    assert set(attention.varlen_kwargs(varlen, packed)) == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    kwargs = attention.varlen_kwargs(varlen, packed)
+    assert set(kwargs) == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "attention_mask"}
+    assert kwargs["attention_mask"].shape == (1, 1, 0, 0)  # 4-D: transformers passes it through, no packed-sequence scan
     assert attention.varlen_kwargs(model, packed) == {}  # sdpa masks from position_ids instead
     one_sequence = dataclasses.replace(packed, cu_seqlens=torch.tensor([0, packed.input_ids.shape[1]], dtype=torch.int32))
     with torch.no_grad():
@@ -101,10 +103,9 @@ def test_varlen_attention_cpu_twin_matches_padded_sdpa_and_reads_cu_seqlens(rand
     assert (wrong - right).abs().max() > 1e-2  # the boundaries come from cu_seqlens
 
 
-def test_attn_implementation_auto_picks_varlen_for_packed_cpu_runs_and_sdpa_for_padded_ones():
-    if not torch.cuda.is_available():
-        assert attention.attn_implementation("auto", packing=True) == attention.VARLEN
-        assert attention.attn_implementation("auto", packing=False) == "sdpa"
+def test_attn_implementation_auto_picks_varlen_for_packed_runs_and_sdpa_for_padded_ones():
+    assert attention.attn_implementation("auto", packing=True) == attention.VARLEN
+    assert attention.attn_implementation("auto", packing=False) == "sdpa"
     assert attention.attn_implementation("varlen", packing=False) == attention.VARLEN
     assert attention.attn_implementation("eager", packing=True) == "eager"
 

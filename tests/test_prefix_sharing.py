@@ -88,24 +88,13 @@ def test_prefix_shared_logps_and_gradients_equal_unshared_packing(model, example
     assert torch.allclose(g_got, g_want, atol=1e-5, rtol=1e-4), (g_got - g_want).abs().max()
 
 
-def test_the_gpu_form_equal_length_gather_has_a_cpu_twin_equal_to_the_bottom_right_form(examples):
-    """The GPU path gathers queries like keys (equal-length causal segments); run on CPU it matches the SDPA form."""
-    batch = pack_prefix_shared(examples)
-    g = torch.Generator().manual_seed(3)
-    n = batch.input_ids.shape[1]
-    q, k, v = torch.randn(1, 4, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
-    args = (q, k, v, batch.cu_seqlens, batch.kv_cu_seqlens, batch.kv_index, batch.q_keep, batch.max_kv_seqlen, None)
-    bottom_right = attention.prefix_shared_attention(*args, equal_length=False)
-    gathered = attention.prefix_shared_attention(*args, equal_length=True)
-    assert bottom_right.shape == (1, n, 4, 8)
-    assert torch.allclose(gathered, bottom_right, atol=1e-6), (gathered - bottom_right).abs().max()
-
-
 def test_sdpa_is_causal_is_top_left_aligned_so_the_rejected_segment_needs_an_explicit_mask():
     """Why aligner/attention.py builds the bottom-right mask: is_causal with q_len < k_len hides the query's own key."""
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(1, 1, 3, 8, generator=g), torch.randn(1, 1, 7, 8, generator=g), torch.randn(1, 1, 7, 8, generator=g)
-    bottom_right = attention._bottom_right_sdpa(q, k, v, [0, 3], [0, 7], None, 0.0).transpose(1, 2)
+    cu_q, cu_k = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]  # (T, H, D), the kernels' layout
+    bottom_right = attention.SDPA_SEGMENTS.run(*flat, cu_q, cu_k, 3, 7, None, None).transpose(0, 1)[None]
     full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(bottom_right[:, :, -1], full[:, :, -1], atol=1e-6)  # the last query sees every key

@@ -30,9 +30,12 @@ def test_the_default_run_takes_the_packed_prefix_shared_chunked_path_and_says_so
     """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/batch_path.py), logged once, in plan.json."""
     written = json.loads((dpo_run / "plan.json").read_text())
     assert written["batch_path"] == {"packing": True, "prefix_sharing": True, "chunk_tokens": 1024,
-                                     "attn_implementation": "aligner_varlen", "fallbacks": []}
+                                     "attn_implementation": "aligner_varlen", "kernel": "sdpa_segments",
+                                     "dtype": "float32", "fallbacks": [], "kernel_fallbacks": []}
+    assert written["models"]["policy"]["dtype"] == "float32"  # model.dtype: auto on the CPU
     logs = (dpo_run / "launch.log").read_text()
-    line = "batch path: packed + prefix-shared + chunked head (1024 tokens), attention aligner_varlen"
+    line = ("batch path: packed + prefix-shared + chunked head (1024 tokens), attention aligner_varlen on "
+            "sdpa_segments, float32")
     assert logs.count(line) == 1  # rank 0 only
     imbalance = [v for _, v in read_scalars(dpo_run / "tensorboard")["perf/rank_imbalance"]]
     assert len(imbalance) == 40 and all(1.0 <= v < 1.5 for v in imbalance)

@@ -9,8 +9,8 @@ Every batch holds N scored sequences, ordered ``[chosen/desirable..., rejected/u
   (``train.prefix_sharing``; aligner/data/packing.py, aligner/attention.py).
 
 Either may be paired (B pairs, N = 2B) or unpaired (``paired`` False, the first ``n_chosen`` rows desirable),
-and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a :class:`PaddedBatch` of its own
-(``kl_pairs``, aligner/data/collate.py).
+and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a batch of its own (``kl_pairs``,
+aligner/data/collate.py; padded, or packed under sequence parallelism).
 
 What differs between the kinds lives in their methods: the model's forward arguments
 (:meth:`Batch.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`), and the real
@@ -41,7 +41,7 @@ class Batch(ABC):
     n_chosen: int
     row_index: list[int]
     paired: bool = True
-    mismatched: PaddedBatch | None = None
+    mismatched: Batch | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on ``device`` (the mismatched part stays where it is)."""
@@ -77,6 +77,23 @@ class Batch(ABC):
     @abstractmethod
     def real_tokens(self) -> int:
         """Tokens that are not padding."""
+
+    @property
+    def work_share(self) -> float:
+        """The share of this batch's forward and backward work that this rank does (for FLOP counts): all of it,
+        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        return 1.0
+
+    def whole_sequences(self, summed: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence sums of the tokens this rank scored, (N,) each -> the whole sequences' sums: as they are,
+        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        return summed, counts
+
+    def extended(self, n_pad: int, pad_token_id: int) -> Batch:
+        """The same batch with ``n_pad`` padding tokens appended to its row's last sequence (never scored; they
+        attend only to what precedes them, so no real token's result changes), for row lengths a multiple of
+        the sequence-parallel size (aligner/sequence_parallel.py). One-row (packed) batches only."""
+        raise TypeError(f"a {type(self).__name__} has no single row to extend")
 
 
 @dataclass(kw_only=True)
@@ -133,6 +150,25 @@ class PackedBatch(Batch):
     def real_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def extended(self, n_pad: int, pad_token_id: int) -> PackedBatch:
+        if n_pad == 0:
+            return self
+        row = _extend_row(self, n_pad, pad_token_id)
+        cu = self.cu_seqlens.clone()
+        cu[-1] += n_pad
+        last = self.sequence_ids[:, -1:].expand(1, n_pad)
+        return replace(self, **row, sequence_ids=torch.cat([self.sequence_ids, last], 1), cu_seqlens=cu,
+                       max_seqlen=int(cu.diff().max()))
+
+
+def _extend_row(batch: Batch, n_pad: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``position_ids`` (continuing the last sequence's) and ``response_mask`` (False) of a one-row
+    batch with ``n_pad`` tokens appended."""
+    pos = batch.position_ids[:, -1:] + torch.arange(1, n_pad + 1)  # (1, n_pad)
+    return {"input_ids": torch.cat([batch.input_ids, batch.input_ids.new_full((1, n_pad), pad_token_id)], 1),
+            "position_ids": torch.cat([batch.position_ids, pos], 1),
+            "response_mask": torch.cat([batch.response_mask, batch.response_mask.new_zeros((1, n_pad))], 1)}
+
 
 @dataclass(kw_only=True)
 class PrefixSharedBatch(Batch):
@@ -145,8 +181,8 @@ class PrefixSharedBatch(Batch):
     - Attention, per pair, two query segments (``cu_seqlens`` (2B+1,) int32, row bounds): [prompt, chosen] attends
       causally to itself; [rejected] attends to [prompt K/V; rejected K/V], causal aligned bottom-right, never to
       chosen. ``kv_index`` (Lk,) lists each segment's key tokens (row positions) back to back, bounds
-      ``kv_cu_seqlens`` (2B+1,); ``q_keep`` (L,) is each row token's place in that gathered layout (the equal-length
-      form GPU varlen kernels use, :mod:`aligner.attention`).
+      ``kv_cu_seqlens`` (2B+1,). Every kernel takes the R rejected queries against their P + R keys as they are
+      (:mod:`aligner.attention`).
     - Scoring (``positions``, ``targets``, ``owner``, each (M,)): the first rejected token is predicted by the LAST
       PROMPT token's logits, the same position that predicts the first chosen token, so scoring is an explicit
       list rather than ``response_mask[:, 1:]``. Owners are 0..B-1 (chosen), B..2B-1 (rejected).
@@ -161,7 +197,6 @@ class PrefixSharedBatch(Batch):
     kv_index: torch.Tensor
     kv_cu_seqlens: torch.Tensor
     max_kv_seqlen: int
-    q_keep: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
     owner: torch.Tensor
@@ -191,3 +226,15 @@ class PrefixSharedBatch(Batch):
 
     def real_tokens(self) -> int:
         return int(self.input_ids.numel() + self.prompt_lengths.sum())
+
+    def extended(self, n_pad: int, pad_token_id: int) -> PrefixSharedBatch:
+        """The padding joins the last (rejected) segment as queries and as keys."""
+        if n_pad == 0:
+            return self
+        length = self.input_ids.shape[1]
+        cu, kv_cu = self.cu_seqlens.clone(), self.kv_cu_seqlens.clone()
+        cu[-1] += n_pad
+        kv_cu[-1] += n_pad
+        return replace(self, **_extend_row(self, n_pad, pad_token_id), cu_seqlens=cu, max_seqlen=int(cu.diff().max()),
+                       kv_index=torch.cat([self.kv_index, torch.arange(length, length + n_pad)]), kv_cu_seqlens=kv_cu,
+                       max_kv_seqlen=int(kv_cu.diff().max()))

@@ -80,13 +80,22 @@ def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id:
     ``mismatched`` holds the padded mismatched rows of :func:`mismatched_rows`, built in
     example order; its ``row_index`` is the example index of each one's prompt.
     """
+    rows, labels, kl = batch_rows(examples, kl_pairs, max_length)
+    mismatched = PaddedBatch(**pad_rows(kl[0], pad_token_id), **kl[1]) if kl else None
+    return PaddedBatch(**pad_rows(rows, pad_token_id), **labels, mismatched=mismatched)
+
+
+def batch_rows(examples: list[Example] | list[UnpairedExample], kl_pairs: bool = False, max_length: int | None = None
+               ) -> tuple[list[tuple[list[int], list[int]]], dict, tuple[list, dict] | None]:
+    """What a batch of ``examples`` holds, whatever its layout (padded here, packed in aligner/data/packing.py):
+    its (prompt, response) rows, chosen/desirable first; their labels (``n_chosen``, ``paired``, ``row_index``,
+    ``ids``); and with ``kl_pairs`` the mismatched rows and their labels (see :func:`collate_batch`)."""
     rows, row_index = _rows(examples)
     paired = not isinstance(examples[0], UnpairedExample)
     labels = {"n_chosen": len(examples) if paired else sum(ex.desirable for ex in examples), "paired": paired,
               "row_index": row_index, "ids": [ex.id for ex in examples] if paired else [examples[i].id for i in row_index]}
-    mismatched = None
-    if kl_pairs:
-        limit = max_length or max(len(p) + len(r) for p, r in rows)
-        ordered, kl_index = example_order_rows(examples)
-        mismatched = PaddedBatch(**pad_rows(mismatched_rows(ordered, limit), pad_token_id), **{**labels, "row_index": kl_index})
-    return PaddedBatch(**pad_rows(rows, pad_token_id), **labels, mismatched=mismatched)
+    if not kl_pairs:
+        return rows, labels, None
+    limit = max_length or max(len(p) + len(r) for p, r in rows)
+    ordered, kl_index = example_order_rows(examples)
+    return rows, labels, (mismatched_rows(ordered, limit), {**labels, "row_index": kl_index})

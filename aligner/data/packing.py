@@ -32,7 +32,7 @@ from functools import partial
 import torch
 
 from aligner.data.batch import Batch, PackedBatch, PrefixSharedBatch
-from aligner.data.collate import collate_batch
+from aligner.data.collate import batch_rows, collate_batch
 from aligner.data.tokenize import Example, UnpairedExample
 
 
@@ -48,11 +48,15 @@ def pack_pairs(examples: list[Example]) -> PackedBatch:
     left out of ``response_mask`` even when the prompt is empty: the position
     before it is the previous sequence's last token, not its prefix.
     """
-    seqs, prompt_lens = [], []
-    for field in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            seqs.append(ex.prompt_ids + getattr(ex, field))
-            prompt_lens.append(len(ex.prompt_ids))
+    rows = [(ex.prompt_ids, getattr(ex, field)) for field in ("chosen_ids", "rejected_ids") for ex in examples]
+    return pack_rows(rows, ids=[ex.id for ex in examples], n_chosen=len(examples), paired=True,
+                     row_index=[*range(len(examples)), *range(len(examples))])
+
+
+def pack_rows(rows: list[tuple[list[int], list[int]]], **labels) -> PackedBatch:
+    """Pack (prompt, response) ``rows`` into one row, with the batch's ``labels`` (:class:`PackedBatch` fields)."""
+    seqs = [p + r for p, r in rows]
+    prompt_lens = [len(p) for p, _ in rows]
     lengths = torch.tensor([len(s) for s in seqs])  # (2B,)
     starts = torch.cumsum(lengths, 0) - lengths  # (2B,)
     input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)  # (L,)
@@ -64,8 +68,16 @@ def pack_pairs(examples: list[Example]) -> PackedBatch:
     cu_seqlens[1:] = torch.cumsum(lengths, 0)
     return PackedBatch(input_ids=input_ids[None], position_ids=position_ids[None], sequence_ids=sequence_ids[None],
                        response_mask=response_mask[None], cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
-                       ids=[ex.id for ex in examples], n_chosen=len(examples), paired=True,
-                       row_index=[*range(len(examples)), *range(len(examples))])
+                       **labels)
+
+
+def pack_batch(examples: list[Example] | list[UnpairedExample], kl_pairs: bool = False,
+               max_length: int | None = None) -> PackedBatch:
+    """The rows :func:`aligner.data.collate.collate_batch` pads (pairs or unpaired completions, and with
+    ``kl_pairs`` the mismatched rows, packed on their own), packed instead: the layout sequence parallelism
+    shards (aligner/sequence_parallel.py)."""
+    rows, labels, kl = batch_rows(examples, kl_pairs, max_length)
+    return pack_rows(rows, **labels, mismatched=pack_rows(kl[0], **kl[1]) if kl else None)
 
 
 def _range(start: int, n: int) -> list[int]:
@@ -82,7 +94,7 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
     """
     b = len(examples)
     tokens, positions, response = [], [], []
-    seg_bounds, kv_index, kv_bounds, q_keep = [0], [], [0], []
+    seg_bounds, kv_index, kv_bounds = [0], [], [0]
     score_pos, targets, owner, prompt_lengths = [], [], [], []
     for i, ex in enumerate(examples):
         p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
@@ -91,12 +103,10 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
         positions += _range(0, P + C) + _range(P, R)
         response += [False] * P + [True] * (C + R)
         seg_bounds += [s + P + C, s + P + C + R]
-        g1 = len(kv_index)
         kv_index += _range(s, P + C)
-        g2 = len(kv_index)
+        kv_bounds.append(len(kv_index))
         kv_index += _range(s, P) + _range(s + P + C, R)
-        kv_bounds += [g2, len(kv_index)]
-        q_keep += _range(g1, P + C) + _range(g2 + P, R)
+        kv_bounds.append(len(kv_index))
         first = 0 if P else 1  # with no prompt, a response's first token has nothing before it
         for t in range(first, C):
             score_pos.append(s + P + t - 1), targets.append(c[t]), owner.append(i)
@@ -109,26 +119,31 @@ def pack_prefix_shared(examples: list[Example]) -> PrefixSharedBatch:
     return PrefixSharedBatch(
         input_ids=long(tokens)[None], position_ids=long(positions)[None], response_mask=torch.tensor(response)[None],
         cu_seqlens=seg, max_seqlen=int(seg.diff().max()), kv_index=long(kv_index), kv_cu_seqlens=kv,
-        max_kv_seqlen=int(kv.diff().max()), q_keep=long(q_keep), positions=long(score_pos), targets=long(targets),
+        max_kv_seqlen=int(kv.diff().max()), positions=long(score_pos), targets=long(targets),
         owner=long(owner), prompt_lengths=long(prompt_lengths), ids=[ex.id for ex in examples], n_chosen=b,
         paired=True, row_index=[*range(b), *range(b)])
 
 
 def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
-                 max_length: int | None = None, prefix_sharing: bool = False) -> Callable[[list], Batch]:
+                 max_length: int | None = None, prefix_sharing: bool = False,
+                 pack_all: bool = False) -> Callable[[list], Batch]:
     """The batch builder a run uses: :func:`pack_prefix_shared` (``train.prefix_sharing``), :func:`pack_pairs`
     (``train.packing``) or the padded ``collate_batch``, as the run's batch path decided (aligner/batch_path.py).
 
     Packing covers preference pairs; unpaired completions and batches that carry
-    mismatched KL rows (``kl_pairs``, for kto) are padded.
+    mismatched KL rows (``kl_pairs``, for kto) are padded, unless ``pack_all`` (sequence parallelism, which shards
+    one packed row: :func:`pack_batch`).
     """
     padded = partial(collate_batch, pad_token_id=pad_token_id, kl_pairs=kl_pairs, max_length=max_length)
-    if not packing or kl_pairs:
+    if not packing:
         return padded
+    rest = partial(pack_batch, kl_pairs=kl_pairs, max_length=max_length) if pack_all else padded  # unpaired, KL rows
+    if kl_pairs:
+        return rest
     pack = pack_prefix_shared if prefix_sharing else pack_pairs
 
     def collate(examples: list) -> Batch:
-        return pack(examples) if not isinstance(examples[0], UnpairedExample) else padded(examples)
+        return pack(examples) if not isinstance(examples[0], UnpairedExample) else rest(examples)
 
     return collate
 
