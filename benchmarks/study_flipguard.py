@@ -271,16 +271,9 @@ def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path | None:
                 sel = groups.get(cell_name("dpo+flipguard", g, e), [])
                 if sel:
                     grid[i, j] = np.mean([r[col] for r in sel])
-        im = ax.imshow(grid, cmap="viridis", origin="lower")
-        for (i, j), v in np.ndenumerate(grid):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
-        ax.set_xticks(range(len(args.epsilons)), [f"{e:g}" for e in args.epsilons])
-        ax.set_yticks(range(len(args.gammas)), [f"{g:g}" for g in args.gammas])
-        ax.set_xlabel("flipguard.epsilon")
-        ax.set_ylabel("flipguard.gamma")
         ref = f"; dpo {np.mean([r[col] for r in base]):.3f}" if base else ""
-        ax.set_title(f"dpo+flipguard {label} (seed mean{ref})", fontsize=9)
+        im = stats.heatmap(ax, grid, [f"{e:g}" for e in args.epsilons], [f"{g:g}" for g in args.gammas],
+                           "flipguard.epsilon", "flipguard.gamma", f"dpo+flipguard {label} (seed mean{ref})")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = out / "flipguard_sweep.png"

@@ -1,5 +1,5 @@
-"""What the studies share to turn seeds into words: percentile-bootstrap intervals over seeds, and the wording
-that follows from an interval (one rule, used by study_tr.py and study_flipguard.py).
+"""What the studies share to turn seeds into words: percentile-bootstrap intervals over seeds, the wording
+that follows from an interval (one rule, used by study_tr.py and study_flipguard.py), and their grid figure.
 
 The unit of resampling is the seed (one training run): each resample draws, with replacement, as many runs
 as there are from each method independently, and recomputes the statistic (a mean, the peak of a mean
@@ -75,3 +75,17 @@ def fmt(est: float, lo: float, hi: float, signed: bool = False, digits: int = 3)
         return "n/a"
     f = f"{{:{'+' if signed else ''}.{digits}f}}"
     return f"{f.format(est)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def heatmap(ax, grid: np.ndarray, xticks: list[str], yticks: list[str], xlabel: str, ylabel: str, title: str):
+    """A sweep's grid of seed means, each cell written in; NaN cells (not run) left blank. Returns the image."""
+    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xticks(range(len(xticks)), xticks)
+    ax.set_yticks(range(len(yticks)), yticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return im

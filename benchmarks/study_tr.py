@@ -607,15 +607,9 @@ def plot_screen(results: list[CellResult], args: argparse.Namespace, out: Path, 
     if not np.isfinite(grid).any():
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
-    ax.set_xticks(range(len(args.taus)), [tau_text(t, args.steps) for t in args.taus])
-    ax.set_yticks(range(len(rows)), [f"{a:g}" if m == "tr_soft" else "tr_hard" for a, m in rows])
-    ax.set_xlabel("τ (steps)")
-    ax.set_ylabel("tr_soft α")
-    ax.set_title(f"screen: best gold of samples ({plural(args.screen_seeds, 'seed')})", fontsize=10)
+    im = stats.heatmap(ax, grid, [tau_text(t, args.steps) for t in args.taus],
+                       [f"{a:g}" if m == "tr_soft" else "tr_hard" for a, m in rows], "τ (steps)", "tr_soft α",
+                       f"screen: best gold of samples ({plural(args.screen_seeds, 'seed')})")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = out / "screen.png"
