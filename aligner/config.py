@@ -9,6 +9,7 @@ its own section (see ``aligner_config_section``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from aligner.hookspecs import DEFAULT_LOSS
+from aligner.hookspecs import DEFAULT_LOGGERS, DEFAULT_LOSS
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,11 @@ class ModelConfig:
         _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2", "varlen"))
 
 
+#: The arguments of ``apply_chat_template`` that aligner sets itself, refused in ``data.chat_template_kwargs``.
+TEMPLATE_ARGUMENTS = ("conversation", "tools", "tokenize", "add_generation_prompt", "continue_final_message",
+                      "return_dict", "return_assistant_tokens_mask")
+
+
 @dataclass
 class DataConfig:
     #: A Hub dataset ID, a jsonl/json/parquet/csv/arrow file, a dataset folder (``save_to_disk`` or a repository
@@ -103,11 +109,12 @@ class DataConfig:
     train: str | list[Any] = "embedded:train"
     #: Same forms as ``train``; ``null`` for no evaluation.
     eval: str | list[Any] | None = "embedded:eval"
-    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``).
-    train_split: str = "train"
-    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``).
-    eval_split: str = "test"
-    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several.
+    #: The split of ``train`` to read, for datasets with splits (e.g. ``train_prefs``); ``null``: ``train``.
+    #: Refused for a dataset without splits (a single file), where it would be ignored.
+    train_split: str | None = None
+    #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``); ``null``: ``test``.
+    eval_split: str | None = None
+    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several; refused for a single file.
     subset: str | None = None
     #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``.
     columns: dict[str, str] | None = None
@@ -123,6 +130,9 @@ class DataConfig:
     on_bad_row: str = "error"
     #: ``false`` takes the rows in file order (as TRL's ``train_sampling_strategy="sequential"``), e.g. for benchmarks.
     shuffle: bool = True
+    #: Extra keyword arguments for the chat template of conversational rows (e.g. ``{enable_thinking: false}``),
+    #: under a row's own ``chat_template_kwargs`` column (TRL's); a row's ``tools`` column is passed as ``tools``.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _positive("data.max_length", self.max_length)
@@ -141,6 +151,11 @@ class DataConfig:
                               f"data.eval is set too ({self.eval}); set data.eval: null, or data.eval_fraction: 0")
         if self.num_proc is not None:
             _positive("data.num_proc", self.num_proc)
+        taken = sorted(set(self.chat_template_kwargs or {}) & set(TEMPLATE_ARGUMENTS))
+        if taken:
+            raise ConfigError(f"data.chat_template_kwargs.{taken[0]}: aligner sets {', '.join(TEMPLATE_ARGUMENTS)} "
+                              f"itself (tools come from the rows' tools column); remove {taken[0]} from "
+                              f"data.chat_template_kwargs")
 
 
 @dataclass
@@ -187,6 +202,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
+    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
+    #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
+    lock_wait_s: float = 600.0
     #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
     #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
     sequence_parallel: int = 1
@@ -198,7 +216,7 @@ class TrainConfig:
         _positive("train.dist_timeout_s", self.dist_timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for key in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "logps_chunk_tokens", "keep_last",
-                    "save_every_minutes"):
+                    "save_every_minutes", "lock_wait_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _one_of("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
@@ -224,16 +242,37 @@ class EvalConfig:
             raise ConfigError(f"eval.reward_epsilon must be >= 0, got {self.reward_epsilon}")
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 @dataclass
 class ExportConfig:
     #: Under ``model.lora``: also write the merged model (base + adapters) to ``final/merged`` (from_pretrained loads it).
     merge_lora: bool = False
+    #: Upload ``final/`` (with ``final/merged``) to the Hugging Face Hub once the export is complete (rank 0).
+    push_to_hub: bool = False
+    #: The Hub repository to push to, ``<user or org>/<name>``; required with ``push_to_hub``.
+    hub_model_id: str | None = None
+    #: Create the repository private (a repository that exists keeps its visibility).
+    hub_private: bool = False
+    #: The branch to push to (created from the default branch when missing); ``null`` = ``main``.
+    hub_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("export.push_to_hub: true needs export.hub_model_id, the repository to push to "
+                              "(e.g. export.hub_model_id: my-org/my-model)")
+        if self.hub_model_id is not None and not _REPO_ID.match(self.hub_model_id):
+            raise ConfigError(f"export.hub_model_id must be <user or org>/<name> (letters, digits, '-', '_', '.'), "
+                              f"got {self.hub_model_id!r}; e.g. my-org/my-model")
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/tiny"
     plugins: list[str] = field(default_factory=lambda: [DEFAULT_LOSS])
+    #: The loggers (TRL's ``report_to``): a list of logger plugins, or ``none``; the config's plugins are the rest.
+    report_to: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -259,7 +298,7 @@ class RunConfig:
 
 CORE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
                  "export": ExportConfig}
-CORE_SCALARS = {"output_dir": str, "plugins": list}
+CORE_SCALARS = {"output_dir": str, "plugins": list, "report_to": list}
 
 
 def read_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -312,8 +351,9 @@ def build_config(
     """Turn a raw dict (YAML + overrides) into a typed :class:`RunConfig`.
 
     :param plugin_sections: section name -> dataclass, from the active plugins.
-    :param inactive_sections: section name -> plugin name, for installed plugins that
-        are not active (their sections get a targeted error instead of "unknown key").
+    :param inactive_sections: section name -> "plugin 'x', which is not active; add it to --plugins" (or
+        ``report_to``), for installed plugins that are not active (their sections get that error instead of
+        "unknown key"; :func:`aligner.registry.inactive_sections`).
     :param source: where ``raw`` came from, for error messages.
     :param overridden: dotted key -> the ``--set key=value`` item that set it: errors about
         that key name the ``--set`` item instead of ``source``.
@@ -325,19 +365,16 @@ def build_config(
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         if key in CORE_SCALARS:
-            kwargs[key] = _coerce(value, CORE_SCALARS[key] if key != "plugins" else list[str], key, origin(key))
+            kwargs[key] = _coerce(value, CORE_SCALARS[key] if CORE_SCALARS[key] is not list else list[str], key, origin(key))
         elif key in CORE_SECTIONS:
             kwargs[key] = _build_section(CORE_SECTIONS[key], value, key, origin)
         elif key in plugin_sections:
             sections[key] = _build_section(plugin_sections[key], value, key, origin)
         elif key in inactive_sections:
-            raise ConfigError(
-                f"{source}: section '{key}' configures plugin '{inactive_sections[key]}', which is not active; "
-                f"add it to --plugins or remove the section"
-            )
+            raise ConfigError(f"{source}: section '{key}' configures {inactive_sections[key]}, or remove the section")
         else:
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
-            raise ConfigError(f"{source}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
+            raise ConfigError(f"{origin(key)}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
     for key, cls in plugin_sections.items():
         sections.setdefault(key, _build_section(cls, {}, key, origin))
     return RunConfig(**kwargs, sections=sections)
@@ -353,25 +390,26 @@ class _Origin:
         return f"--set {self.overridden[key]}" if key in self.overridden else self.source
 
     def of_message(self, message: str, prefix: str, names: set[str]) -> str:
-        """The origin of the first key of section ``prefix`` that a validation message names."""
+        """The origin of the first key of section ``prefix`` that a validation message names, as ``prefix.key`` or
+        (a plugin's own check, e.g. ``weight must be ...``) as the bare key."""
         named = [(message.find(f"{prefix}.{n}"), -len(n), n) for n in names if f"{prefix}.{n}" in message]
+        if not named:
+            named = [(m.start(), -len(n), n) for n in names if (m := re.search(rf"(?<![\w.]){re.escape(n)}\b", message))]
         return self(f"{prefix}.{min(named)[2]}") if named else self.source  # the longest at the first place
 
 
 def _build_section(cls: type, value: Any, prefix: str, origin: _Origin) -> Any:
-    source = origin.source
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{source}: '{prefix}' must be a mapping of options, got {value!r}")
+        raise ConfigError(f"{origin(prefix)}: '{prefix}' must be a mapping of options, got {value!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, item in value.items():
         if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"{origin(f'{prefix}.{key}')}: unknown key '{prefix}.{key}'; the keys of '{prefix}' are "
+                              f"{', '.join(sorted(names))}")
         kwargs[key] = _coerce(item, hints[key], f"{prefix}.{key}", origin(f"{prefix}.{key}"), origin)
     try:
         return cls(**kwargs)

@@ -576,7 +576,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-config", help=f"a config.json, a checkpoint folder or a built-in shape ({', '.join(BUILTIN_SHAPES)})")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="where the ranks run (cpu: ranks on CPU, as in CI)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.gpu_mem_gib > 0 or args.gpu_mem_gib == float("inf"):
+        p.error(f"--gpu-mem-gib must be a GPU's memory in GiB, a number > 0 (e.g. 80), got {args.gpu_mem_gib:g}")
+    return args
 
 
 def run_estimate(args: argparse.Namespace) -> Estimate:

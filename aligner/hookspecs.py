@@ -15,6 +15,14 @@ Every plugin implements :func:`aligner_plugin_info`, and usually
   mismatched-pair log-probs (KTO) says so in :func:`aligner_required_inputs`.
 - ``constraint`` (any number): :func:`aligner_constraint`.
 - ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
+- ``logger`` (any number, named in the config's ``report_to``, not in ``--plugins``;
+  :data:`DEFAULT_LOGGERS` when the config names none): :func:`aligner_log`, and
+  usually :func:`aligner_logger_start`, :func:`aligner_log_final` and
+  :func:`aligner_logger_close`. Every logger hook is called on rank 0 only. A
+  logger that raises in :func:`aligner_log`, :func:`aligner_log_final` or
+  :func:`aligner_logger_close` is dropped for the rest of the run with a warning
+  (training and the other loggers go on); one that raises in
+  :func:`aligner_logger_start` stops the run before any engine is built.
 
 A plugin with state that must survive a resume implements
 :func:`aligner_state_dict` and :func:`aligner_load_state_dict` (small state,
@@ -57,12 +65,14 @@ PROJECT = "aligner"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-ROLES = ("loss", "constraint", "reference_update")
+ROLES = ("loss", "constraint", "reference_update", "logger")
 #: The hook each role must implement; a plugin without it is refused when it is activated.
 REQUIRED_HOOKS = {"loss": "aligner_loss", "constraint": "aligner_constraint",
-                  "reference_update": "aligner_after_optimizer_step"}
+                  "reference_update": "aligner_after_optimizer_step", "logger": "aligner_log"}
 #: The loss a run gets when ``--plugins`` (and the config's ``plugins``) name none.
 DEFAULT_LOSS = "dpo"
+#: The loggers a run gets when the config has no ``report_to`` (``report_to: none`` for no logger).
+DEFAULT_LOGGERS = ("tensorboard",)
 MODELS = ("reference", "anchor")
 #: Optional inputs a plugin may ask for in :func:`aligner_required_inputs`:
 #: ``"unpaired"``: it can train and evaluate on unpaired data (rows ``prompt``,
@@ -185,6 +195,50 @@ class LossOutput:
             "rewards/margins": (chosen - rejected).mean(),
             "rewards/accuracies": (chosen > rejected).float().mean(),
         })
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What every logger receives once, when the run starts (:func:`aligner_logger_start`).
+
+    ``config`` is the resolved run config as plain data (what ``output_dir/config.json`` holds), ``plan``
+    the model plan (what ``output_dir/plan.json`` holds under ``models`` and ``inputs``), ``plugins`` each
+    active plugin's ``name -> distribution-version`` (loggers included). ``start_step`` is 0 for a new run
+    and the checkpoint's step on ``--resume``; ``resumed`` is then what this logger returned from
+    :func:`aligner_logger_start` in the run that wrote that checkpoint (e.g. ``{"run_id": ...}``), so
+    that the resumed run continues the same run, or ``None`` (a new run, or a checkpoint written without
+    this logger).
+    """
+
+    output_dir: Path
+    config: dict[str, Any]
+    plan: dict[str, Any]
+    plugins: dict[str, str]
+    start_step: int = 0
+    resumed: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What every logger receives once, at the end of a run that trained to ``train.max_steps``
+    (:func:`aligner_log_final`).
+
+    ``metrics``: the final metrics (``output_dir/final_metrics.json``: the last step's scalars and the
+    last evaluation's ``eval/...``), ``step`` the last step. ``images``: the PNG plots of
+    ``aligner-report`` (``output_dir/report/*.png``), empty when no TensorBoard event files were written
+    or matplotlib is missing. ``final_dir``: the exported model (a full checkpoint, or a PEFT adapter
+    under ``model.lora``), with its model card ``README.md``; ``merged_dir``: the merged model of
+    ``export.merge_lora``, else ``None``. ``hub_url``: where ``export.push_to_hub`` uploaded it, ``None``
+    when it was not pushed (or the push failed: ``hub_error`` then says why).
+    """
+
+    step: int
+    metrics: dict[str, float]
+    images: list[Path]
+    final_dir: Path
+    merged_dir: Path | None = None
+    hub_url: str | None = None
+    hub_error: str | None = None
 
 
 @dataclass
@@ -372,4 +426,52 @@ def aligner_load_checkpoint(directory: Path, engines: Engines, config: RunConfig
 
     Called on every rank. Raise ``ValueError`` with a message naming the file
     when the saved state does not fit the run (a different model or world size).
+    """
+
+
+@hookspec
+def aligner_logger_start(run: RunStart, config: RunConfig) -> dict[str, Any] | None:
+    """Open this logger's run (role ``logger``), on rank 0, before any engine is built.
+
+    :param run: the resolved config, the model plan, the plugins' versions, and, on ``--resume``, the
+        step and what this logger returned here in the run being resumed (:class:`RunStart`).
+    :param config: the run config; a logger reads its own section from it.
+
+    Import the logger's library here, not at module import, so that a run that does not choose this
+    logger never imports it; when it is missing, raise ``ImportError`` naming the extra to install
+    (``pip install 'aligner[<name>]'``). Any exception stops the run (exit code 2) with its message.
+
+    Return a small JSON-serialisable dict (e.g. ``{"run_id": ...}``) to keep in every checkpoint's
+    marker; it comes back as ``run.resumed`` on ``--resume``. Return ``None`` to keep nothing.
+    """
+
+
+@hookspec
+def aligner_log(step: int, metrics: dict[str, float]) -> None:
+    """Log scalars at an optimizer step (role ``logger``, required), on rank 0.
+
+    :param step: the optimizer step (0 for the evaluation before training).
+    :param metrics: tag -> value, exactly what TensorBoard gets at this step: every ``train.log_every``
+        step's training scalars (averaged over micro-batches and ranks, see README "Reading TensorBoard"),
+        and each evaluation's ``eval/...`` scalars in a call of their own. A value may be NaN ("no value
+        here"). On ``--resume`` the steps after the checkpoint are logged again with the resumed run's values.
+    """
+
+
+@hookspec
+def aligner_log_final(summary: RunSummary) -> None:
+    """Log the end of a run that reached ``train.max_steps`` (role ``logger``), on rank 0.
+
+    :param summary: the final metrics, the report's PNG plots, where the final model is and where it was
+        pushed (:class:`RunSummary`). Called after the export (and the push), before
+        :func:`aligner_logger_close`.
+    """
+
+
+@hookspec
+def aligner_logger_close(status: str) -> None:
+    """Close this logger's run (role ``logger``), on rank 0, once, however the run ends.
+
+    :param status: ``"finished"`` (trained to ``train.max_steps``; a failed push to the Hub still counts),
+        ``"stopped"`` (a stop request after a checkpoint: the run is meant to be resumed) or ``"failed"``.
     """

@@ -1,7 +1,5 @@
-"""Metrics: averaged over micro-batches and ranks, written to TensorBoard by rank 0, with a progress bar.
-
-The writer flushes at every logged step, so TensorBoard is live and a killed
-run loses none of the metrics it had logged.
+"""Metrics: averaged over micro-batches and ranks, handed by rank 0 to the run's loggers (aligner/loggers.py:
+TensorBoard by default, plugins/tensorboard.py), with a progress bar.
 
 A metric that is NaN for a micro-batch or a rank means "no value here" (a mean
 over no examples, e.g. ``rewards/chosen`` in an unpaired batch without
@@ -10,8 +8,6 @@ micro-batch on any rank had a value.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,34 +49,6 @@ class StepMetrics:
     def means(self) -> dict[str, torch.Tensor]:
         """Per key, the mean over the micro-batches that had a value (NaN where none had): 0-d tensors."""
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-
-class TensorBoardLogger:
-    """Rank 0 writes scalars under ``output_dir/tensorboard``; other ranks do nothing.
-
-    A resumed run adds a new event file to the same folder, starting with a
-    purge marker at ``purge_step`` (the first step after the checkpoint): TensorBoard
-    then hides what the interrupted run had logged from that step on, so each step
-    shows once, with the resumed run's values.
-    """
-
-    def __init__(self, log_dir: Path, rank: int, purge_step: int | None = None) -> None:
-        self.writer = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in sorted(values.items()):
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def progress_bar(total: int, initial: int, rank: int):

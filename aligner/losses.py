@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from aligner.config import ConfigError
 from aligner.hookspecs import LossConfig, LossOutput
 from aligner.registry import ActivePlugins, PluginHookError
 
@@ -26,6 +27,21 @@ def loss_section(plugins: ActivePlugins, name: str, config) -> object | None:
 def loss_weight(section: object | None) -> float:
     """``weight`` of a loss's options; the :class:`LossConfig` default for a loss without that base."""
     return section.weight if isinstance(section, LossConfig) else LossConfig.weight
+
+
+def check_weights(plugins: ActivePlugins, config) -> None:
+    """Refuse a run whose losses all weigh 0: ``train/loss`` would be 0 (constraints aside) and the policy would not
+    move; a weight of 0 on one loss of several is fine (its term is still logged)."""
+    keys = []
+    for name in plugins.losses:
+        section = plugins.call_one(name, "aligner_config_section")
+        if loss_weight(config.sections.get(section[0]) if section else None) != 0:
+            return
+        keys.append(f"{section[0]}.weight" if section else name)
+    if keys:
+        raise ConfigError(f"{' and '.join(f'{k}=0' for k in keys)}: every loss of the run weighs 0, so train/loss is 0 "
+                          f"and nothing trains; give a loss a weight > 0 (e.g. --set {keys[0]}=1), or add a loss to "
+                          f"--plugins")
 
 
 def pair_only_losses(plugins: ActivePlugins, config) -> list[str]:

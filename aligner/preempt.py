@@ -1,8 +1,12 @@
 """Stop cleanly when the cluster asks: signals, a dead launcher, and wall-clock checkpoints.
 
 SLURM (``#SBATCH --signal=USR1@120``) and Kubernetes (SIGTERM, then SIGKILL after the
-grace period) warn a job before they kill it. Every rank handles SIGTERM and SIGUSR1
-by setting a flag, nothing more, so a signal never interrupts a step or a save. A
+grace period) warn a job before they kill it, and a user at a terminal presses Ctrl-C
+(SIGINT to every process of the foreground job). Every rank handles SIGTERM, SIGUSR1
+and SIGINT by setting a flag, nothing more, so a signal never interrupts a step or a
+save. Once a stop is asked for, SIGINT gets the kernel's default action back: a second
+Ctrl-C ends the rank at once (no traceback, no checkpoint of that step; the last
+complete one is untouched, since a checkpoint is published only once whole). A
 rank whose launcher died asks to stop the same way: ``PR_SET_PDEATHSIG`` makes the
 kernel send it SIGTERM when its parent exits, and a watcher thread also notices
 when the parent is DeepSpeed's per-node launcher and *that* launcher's parent (the
@@ -33,7 +37,9 @@ from aligner.comm import comm_device
 log = logging.getLogger("aligner")
 #: The exit code of a run stopped by a signal (or by its launcher's exit) after saving a checkpoint.
 EXIT_PREEMPTED = 5
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: The exit code of a run stopped by Ctrl-C before its stop handling was installed, or by a second Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 
@@ -87,16 +93,22 @@ class StopWatch:
         """Ask every rank to stop after the current optimizer step (safe from a handler or a thread)."""
         if self.reason is None:
             self.reason = f"rank {self.rank}: {reason}"
-            _say(f"rank {self.rank}: {reason}; finishing this optimizer step, then saving a checkpoint and stopping")
+            if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # from now on Ctrl-C ends this rank at once
+            _say(f"rank {self.rank}: {reason}; finishing this optimizer step, then saving a checkpoint and stopping"
+                 + (" (Ctrl-C again stops at once, without that checkpoint)" if "SIGINT" in reason else ""))
         else:
             _say(f"rank {self.rank}: {reason} again; already stopping, the checkpoint save goes on "
                  f"(a checkpoint is published only once complete)")
 
     def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.reason is not None:  # Ctrl-C while stopping (asked from another thread)
+            _say(f"rank {self.rank}: received SIGINT while stopping; stopping now, without a checkpoint of this step")
+            os._exit(EXIT_INTERRUPTED)
         self.request(f"received {signal.Signals(signum).name}")
 
     def install(self, launched: bool) -> None:
-        """Handle SIGTERM/SIGUSR1; when started by a launcher (``launched``), also stop once it is gone."""
+        """Handle SIGTERM/SIGUSR1/SIGINT; when started by a launcher (``launched``), also stop once it is gone."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         if not launched:  # a bare ``python launch/train.py`` (e.g. under nohup) outlives its shell on purpose

@@ -20,10 +20,11 @@ from typing import Any
 import pluggy
 
 from aligner import hookspecs
-from aligner.hookspecs import API_VERSION, DEFAULT_LOSS, REQUIRED_HOOKS, ROLES, PluginInfo
+from aligner.hookspecs import API_VERSION, DEFAULT_LOGGERS, DEFAULT_LOSS, REQUIRED_HOOKS, ROLES, PluginInfo
 
 GROUP = "aligner.plugins"
-__all__ = ["DEFAULT_LOSS", "GROUP", "ActivePlugins", "PluginError", "PluginHookError", "activate", "available_plugins"]
+__all__ = ["DEFAULT_LOGGERS", "DEFAULT_LOSS", "GROUP", "ActivePlugins", "PluginError", "PluginHookError", "activate",
+           "available_plugins", "logger_names"]
 
 
 class PluginError(ValueError):
@@ -108,9 +109,24 @@ class ActivePlugins:
 
     pm: pluggy.PluginManager
     infos: dict[str, PluginInfo] = field(default_factory=dict)
+    #: name -> where it was loaded from (the entry point's ``module[:attr]``, or the ``module:attr`` given)
+    targets: dict[str, str] = field(default_factory=dict)
+    #: name -> ``distribution-version`` of the package that ships it (``unknown`` when none can be found)
+    versions: dict[str, str] = field(default_factory=dict)
 
     def names(self, role: str | None = None) -> list[str]:
         return [n for n, i in self.infos.items() if role is None or i.role == role]
+
+    @property
+    def training(self) -> list[str]:
+        """Every active plugin but the loggers (what ``--plugins`` named, and the default loss): what a
+        checkpoint must match on resume, what ``config.json``'s ``plugins`` lists."""
+        return [n for n, i in self.infos.items() if i.role != "logger"]
+
+    @property
+    def loggers(self) -> list[str]:
+        """The active loggers, in ``report_to`` order."""
+        return self.names("logger")
 
     @property
     def losses(self) -> list[str]:
@@ -222,47 +238,94 @@ def _plugin_in_traceback(plugins: ActivePlugins, exc: BaseException) -> str | No
     return culprit
 
 
-def activate(names: list[str]) -> ActivePlugins:
-    """Build the plugin manager for a run from the names given with ``--plugins``.
+def activate(names: list[str], loggers: list[str] | tuple[str, ...] = ()) -> ActivePlugins:
+    """Build the plugin manager for a run from the names given with ``--plugins`` and the loggers of ``report_to``.
 
     Each name is an installed plugin (entry point) or a ``module:attr`` target.
     At least one loss is required (``dpo`` is added when none is named; several
     losses are summed with their weights, see :class:`aligner.hookspecs.LossConfig`),
     at most one reference update, any number of constraints; duplicates and
-    unknown names are errors that list what is available.
+    unknown names are errors that list what is available. A logger belongs in
+    ``loggers`` (``report_to``) and only there; every other role only in ``names``.
     """
     available = available_plugins()
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     active = ActivePlugins(pm)
     seen: set[str] = set()
-    for raw in names:
+    for raw, as_logger in [(n, False) for n in names] + [(n, True) for n in loggers]:
         name = raw.strip()
         if not name:
             continue
+        where = "report_to" if as_logger else "--plugins"
         if name in seen:
-            raise PluginError(f"plugin '{name}' is listed twice in --plugins; list each plugin once")
+            raise PluginError(f"plugin '{name}' is listed twice in {where}; list each plugin once")
         seen.add(name)
         if name in available:
             plugin = available[name].load()
+            target, version = available[name].target, available[name].distribution
         elif ":" in name or "." in name:
             plugin = _import_target(name, name)
+            target, version = name, _distribution_of(name)
         else:
-            raise PluginError(f"unknown plugin '{name}'.\n{_describe(available)}")
+            what = "logger" if as_logger else "plugin"
+            raise PluginError(f"unknown {what} '{name}' in {where}.\n{_describe(available)}")
         info = plugin_info(plugin, name)
+        check_place(info, name, as_logger)
         if info.name in active.infos:
             raise PluginError(f"two plugins are both named '{info.name}' ({name}); list each plugin once")
         pm.register(plugin, name=info.name)
         check_hooks(pm, info, name)
         active.infos[info.name] = info
+        active.targets[info.name], active.versions[info.name] = target, version
 
     if not active.names("loss"):
         if DEFAULT_LOSS not in available:
             raise PluginError(f"no loss plugin given and the default '{DEFAULT_LOSS}' is not installed.\n{_describe(available)}")
-        return activate([DEFAULT_LOSS, *names])
+        return activate([DEFAULT_LOSS, *names], loggers)
     check_roles(active, available)
     pm.check_pending()
     return active
+
+
+def check_place(info: PluginInfo, label: str, as_logger: bool) -> None:
+    """A logger is named in ``report_to``, every other plugin in ``--plugins``: one place for each choice."""
+    if as_logger and info.role != "logger":
+        raise PluginError(f"report_to names '{label}', a {info.role} plugin, not a logger; name it in --plugins "
+                          f"(report_to lists loggers, e.g. report_to: [tensorboard, wandb])")
+    if not as_logger and info.role == "logger":
+        raise PluginError(f"--plugins names '{label}', a logger; name loggers in report_to instead, e.g. "
+                          f"--set report_to=[tensorboard,{label}] (the default is [{', '.join(DEFAULT_LOGGERS)}])")
+
+
+def logger_names(value: Any, source: str = "report_to") -> list[str]:
+    """``report_to`` as a list of logger names: a list, a comma-separated string, ``none`` (no logger) or
+    missing (:data:`DEFAULT_LOGGERS`). TRL's ``all`` is refused: a run names the loggers it reports to."""
+    if value is None:
+        return list(DEFAULT_LOGGERS)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PluginError(f"{source}: expected a list of logger names (e.g. [tensorboard, wandb]) or none, got {value!r}")
+    if value in (["none"], []):
+        return []
+    if "all" in value or "none" in value:
+        loggers = [n for n, ap in available_plugins().items() if _role_of(ap) == "logger"]
+        raise PluginError(f"{source}: {'all' if 'all' in value else 'none'} cannot be combined with other names"
+                          f"{' and all is not supported' if 'all' in value else ''}; list the loggers to report to "
+                          f"(installed: {', '.join(loggers)}), or none for no logger")
+    return value
+
+
+def _distribution_of(target: str) -> str:
+    """``distribution-version`` of the installed package that holds ``target``'s top-level module, if any."""
+    top = target.partition(":")[0].split(".")[0]
+    for dist_name in importlib.metadata.packages_distributions().get(top, []):
+        try:
+            return f"{dist_name}-{importlib.metadata.version(dist_name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def check_roles(active: ActivePlugins, available: dict[str, AvailablePlugin]) -> None:
@@ -319,11 +382,12 @@ def installed() -> ActivePlugins:
 
 
 def inactive_sections(active: ActivePlugins) -> dict[str, str]:
-    """Config section -> plugin, for every installed plugin that is not active (so a config that sets one gets
-    "add it to --plugins" rather than "unknown key"). A plugin that fails here is skipped: it fails only runs that name it."""
+    """Config section -> how to activate its plugin, for every installed plugin that is not active (so a config
+    that sets one gets "add it to --plugins" or "add it to report_to" rather than "unknown key"). A plugin that
+    fails here is skipped: it fails only runs that name it."""
     everything = installed()
     out: dict[str, str] = {}
-    for name in everything.infos:
+    for name, info in everything.infos.items():
         if name in active.infos:
             continue
         try:
@@ -331,7 +395,8 @@ def inactive_sections(active: ActivePlugins) -> dict[str, str]:
         except PluginHookError:
             continue
         if section:
-            out[section[0]] = name
+            place = "report_to" if info.role == "logger" else "--plugins"
+            out[section[0]] = f"plugin '{name}', which is not active; add it to {place}"
     return out
 
 

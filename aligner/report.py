@@ -113,6 +113,20 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     return out
 
 
+def plots(run_dir: str | Path) -> list[Path]:
+    """The report's PNG plots of a run (written to ``run_dir/report``), for the loggers that take them; none, with
+    a warning, when the run wrote no TensorBoard event files or matplotlib is missing."""
+    import logging
+
+    try:
+        out = write_report(run_dir)
+    except (FileNotFoundError, ImportError) as exc:
+        logging.getLogger("aligner").warning("no plots for the loggers: %s (pip install 'aligner[report]' for "
+                                             "matplotlib; keep tensorboard in report_to for the event files)", exc)
+        return []
+    return sorted(out.glob("*.png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="aligner-report", description="PNG plots and a markdown summary of a run's TensorBoard logs")
     p.add_argument("output_dir", help="a run's output_dir (holds tensorboard/)")

@@ -16,6 +16,7 @@ a chat template, else as the text x + y.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -24,14 +25,25 @@ from aligner.models import ModelError
 
 
 def check_reward_model(name_or_path: str, flag: str = "--reward-model") -> None:
-    """Refuse what is not a reward model (no config there, or not one score output), without loading weights."""
+    """Refuse what is not a reward model (no such folder or cached Hub ID, no config there, or not one score output),
+    without loading weights."""
     from transformers import AutoConfig
 
+    from aligner import hub
+
+    path = Path(name_or_path)
+    if not path.exists() and not hub.is_hub_id(name_or_path):
+        raise ModelError(f"{flag}: the folder {name_or_path} does not exist (and it is not a Hub ID of the form "
+                         f"org/name); give a reward model's folder (written by save_pretrained) or its Hub ID")
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelError(f"{flag}: {name_or_path} is not a model folder (no config.json there); give a reward model's "
+                         f"folder written by save_pretrained, or its Hub ID")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{flag}: cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); give a folder written by "
-                         f"save_pretrained or the ID of a reward model in the local Hugging Face cache") from None
+        what = "" if path.exists() else f"there is no folder {name_or_path}, and as a Hub ID it "
+        raise ModelError(f"{flag}: {what}cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); give a folder "
+                         f"written by save_pretrained or the ID of a reward model in the local Hugging Face cache") from None
     if getattr(config, "num_labels", None) != 1:
         raise ModelError(f"{flag}: {name_or_path} has num_labels={getattr(config, 'num_labels', None)}; a reward model "
                          f"has one score output (AutoModelForSequenceClassification with num_labels=1)")

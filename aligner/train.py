@@ -18,16 +18,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import (attention, batch_path, checkpoint, lockstep, models, nonfinite, perf, preempt, sequence_parallel,
-                     static_logps, teardown)
+from aligner import (attention, batch_path, card, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
+                     sequence_parallel, static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
 from aligner.eval import evaluate
-from aligner.hookspecs import DatasetSummary, Engines
-from aligner.logging import StepMetrics, TensorBoardLogger, progress_bar, reduce_mean
-from aligner.losses import pair_only_losses
+from aligner.hookspecs import DatasetSummary, Engines, RunStart, RunSummary
+from aligner.loggers import LoggerError, Loggers
+from aligner.logging import StepMetrics, progress_bar, reduce_mean
+from aligner.losses import check_weights, pair_only_losses
 from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
-from aligner.registry import ActivePlugins, PluginError, PluginHookError, activate, inactive_sections, list_plugins_table
+from aligner.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
+from aligner.registry import (ActivePlugins, PluginError, PluginHookError, activate, inactive_sections,
+                              list_plugins_table, logger_names)
+from aligner.report import plots as report_plots
 from aligner.reward_eval import RewardJudge
 from aligner.step import gather_inputs, total_loss
 
@@ -37,7 +41,7 @@ MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 #: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
 USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
-               static_logps.StaticCacheError, checkpoint.CheckpointError)
+               static_logps.StaticCacheError, checkpoint.CheckpointError, LoggerError, joblock.LockError)
 
 
 class RunError(RuntimeError):
@@ -74,25 +78,49 @@ def configure(args: argparse.Namespace) -> tuple[RunConfig, ActivePlugins]:
     names = raw.get("plugins") or []  # activate adds the default loss when none is named
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
-    plugins = activate(names)
-    raw["plugins"] = list(plugins.infos)
+    plugins = activate(names, logger_names(raw.get("report_to"), f"{config_path}: report_to"))
+    raw["plugins"], raw["report_to"] = plugins.training, plugins.loggers
     sections = plugins.config_sections()
     inactive = inactive_sections(plugins)
     overridden = {item.partition("=")[0].strip(): item for item in overrides}
-    return build_config(raw, sections, inactive, source=str(config_path), overridden=overridden), plugins
+    cfg = build_config(raw, sections, inactive, source=str(config_path), overridden=overridden)
+    check_weights(plugins, cfg)
+    return cfg, plugins
 
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def claim_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int) -> Path | None:
+    """Collective: check ``output_dir``, take its job lock (released at teardown, aligner/joblock.py), and return the
+    checkpoint to resume from, its files verified, if any. Rank 0 does the work; its errors are every rank's."""
+    lockstep.on_rank_zero(lambda: open_output_dir(cfg, args), USER_ERRORS + (RunError,))
+    lock = joblock.hold(cfg.output_dir, cfg.train.lock_wait_s if args.resume == "auto" else 0.0, world)
+    if lock is not None:
+        teardown.register(lock.release, after_ranks=True)
+    resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, args, rank), USER_ERRORS + (RunError,))
+    if resume_from is None:
+        return None
+    return checkpoint.verified_resume(resume_from, args.resume == "auto", cfg.output_dir)  # before anything is loaded
+
+
+def open_output_dir(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Rank 0, before the job lock: ``--resume auto`` on a folder that never held a run is refused (a typo in
+    output_dir must not silently retrain from scratch); any other run creates the folder."""
+    out = Path(cfg.output_dir)
+    if args.resume != "auto":
+        make_output_dir(out)
+    elif not (checkpoint.list_checkpoints(out) or (out / "config.json").is_file() or joblock.lock_path(out).is_file()):
+        raise no_run_to_resume(out)
+
+
 def prepare_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int) -> Path | None:
-    """Refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
+    """Under the job lock: refuse to mix two runs in one output_dir; return the checkpoint to resume from, if any."""
     out = Path(cfg.output_dir)
     existing = checkpoint.list_checkpoints(out)
     if args.resume == "auto":
         return resume_auto(out)
-    make_output_dir(out)
     if args.resume:
         path = Path(args.resume)
         checkpoint.read_meta(path)  # refuses a missing or half-written folder
@@ -115,14 +143,16 @@ def resume_auto(out: Path) -> Path | None:
     that never held a run is refused (a typo in output_dir must not silently retrain from scratch)."""
     latest = checkpoint.latest_checkpoint(out)
     if latest is None and not (out / "config.json").is_file():
-        raise RunError(
-            f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
-            f"output_dir for a typo, or leave out --resume to start a new run there"
-        )
+        raise no_run_to_resume(out)
     if latest is None:
         log.warning("--resume auto: no checkpoint in %s yet (the run there stopped before its first save); "
                     "starting from step 0", out)
     return latest
+
+
+def no_run_to_resume(out: Path) -> RunError:
+    return RunError(f"--resume auto: output_dir {out} holds no run to resume (no checkpoints, no config.json); check "
+                    f"output_dir for a typo, or leave out --resume to start a new run there")
 
 
 def make_output_dir(out: Path) -> Path:
@@ -242,7 +272,7 @@ def checkpoint_meta(cfg: RunConfig, plugins: ActivePlugins, world: int, policy_p
 
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     return {"model": cfg.model.name_or_path, "architecture": checkpoint.architecture(model_config),
-            "plugins": sorted(plugins.infos), "world_size": world, "zero_stage": cfg.train.zero_stage,
+            "plugins": sorted(plugins.training), "world_size": world, "zero_stage": cfg.train.zero_stage,
             "lora": cfg.to_dict()["model"]["lora"], "sequence_parallel": cfg.train.sequence_parallel}
 
 
@@ -272,9 +302,7 @@ class Recipe:
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
         self.stopwatch.install(launched)
         teardown.register(self.stopwatch.close)
-        # Rank 0 checks the folder while the others wait; its errors are theirs.
-        self.resume_from = lockstep.on_rank_zero(lambda: prepare_output_dir(cfg, self.args, self.rank),
-                                                 USER_ERRORS + (RunError,))
+        self.resume_from = claim_output_dir(cfg, self.args, self.rank, self.world)
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
@@ -295,14 +323,25 @@ class Recipe:
         self.layout = sequence_parallel.setup(cfg, self.path, self.paths["policy"], self.layout)
         if self.rank == 0 and self.layout.size > 1:
             log.info("sequence parallel: %s", self.layout.describe())
+        self.start_loggers()
         self.setup_models()
         self.start_step = self.restore() if self.resume_from is not None else 0
-        self.tb = TensorBoardLogger(self.out / "tensorboard", self.rank, purge_step=self.start_step + 1)
-        teardown.register(self.tb.close)
         self.collate = sequence_parallel.shard_collate(
             make_collate(cfg.train.packing, self.pad_id, self.plan.needs("kl_pairs"), cfg.data.max_length,
                          cfg.train.prefix_sharing, self.layout.size > 1), self.pad_id, self.layout)
         return self
+
+    def start_loggers(self) -> None:
+        """Rank 0 opens every logger's run (``report_to``) before any engine is built: the config, the plan, the
+        plugins' versions, and on resume what each kept in the checkpoint (its run id). A failure stops the run."""
+        cfg, resumed = self.cfg, self.resume_meta or {}
+        self.loggers = Loggers(self.plugins, cfg, self.rank)
+        teardown.register(self.loggers.close)
+        run = RunStart(self.out, cfg.to_dict(), self.plan.to_dict(), dict(self.plugins.versions),
+                       int(resumed.get("step", 0)))
+        lockstep.on_rank_zero(lambda: self.loggers.start(run, resumed.get("loggers")), USER_ERRORS + (RunError,))
+        if self.rank == 0 and self.plugins.loggers:
+            log.info("reporting to %s", ", ".join(self.plugins.loggers))
 
     def setup_data(self) -> None:
         cfg = self.cfg
@@ -325,7 +364,8 @@ class Recipe:
         self.plugins.call_each("aligner_train_data", summary=summarize(self.train_set, f"data.train ({cfg.data.train})"),
                                config=cfg)
         (make_output_dir(self.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(self.plugins.infos),
+        warn_if_push_cannot_work(cfg.export)
+        log.info("plugins: %s; %d train pairs, %d eval pairs, %d ranks", ", ".join(self.plugins.training),
                  len(self.train_set), len(self.eval_set), self.world)
 
     def setup_models(self) -> None:
@@ -428,7 +468,7 @@ class Recipe:
             values["train/nonfinite_skipped"] = float(skipped)
         values["grad_norm"] = float(self.policy.get_global_grad_norm() or 0.0)
         if logged:
-            self.tb.log(step, values)
+            self.loggers.log(step, values)
         self.final_metrics.update(values)
         return values
 
@@ -484,7 +524,7 @@ class Recipe:
         metrics, inputs = evaluate(self.plugins, self.engines, self.eval_set, self.cfg, self.pad_id, self.eval_static, self.plan)
         if self.judge is not None:
             metrics.update(self.judge.evaluate(self.policy.module))
-        self.tb.log(step, metrics)
+        self.loggers.log(step, metrics)
         self.final_metrics.update(metrics)
         if self.rank == 0:  # per-example policy log-probs, to check an exported model against the engine
             write_eval_logps(self.out / "eval_logps.jsonl", inputs, step)
@@ -495,25 +535,43 @@ class Recipe:
         client = {"step": step, "sampler": sampler_state or self.sampler.state_dict(), "plugins": states}
         checkpoint.save(self.policy, self.out, step, client, write_extra=lambda folder: plugins.call_each(
             "aligner_save_checkpoint", directory=folder, engines=self.engines, config=self.cfg),
-            meta=self.meta, keep_last=self.cfg.train.keep_last, rng=rng, trainable_only=self.cfg.model.lora is not None)
+            meta={**self.meta, "loggers": self.loggers.states()}, keep_last=self.cfg.train.keep_last, rng=rng,
+            trainable_only=self.cfg.model.lora is not None)
         self.stopwatch.saved()
 
     def finish(self, step: int) -> dict[str, float]:
-        """The last checkpoint, the final eval and the HF export."""
+        """The last checkpoint, the final eval, the HF export with its model card; then, on rank 0, the push to the
+        Hub and the loggers' end of run. A failed push raises :class:`PushError` once everything else is done."""
+        cfg = self.cfg
         if step > self.start_step or not checkpoint.list_checkpoints(self.out):
             self.save(step)
         self.run_eval(step)
-        if self.cfg.model.lora is None:
-            checkpoint.export_hf(self.policy, self.tokenizer, self.out / "final")
+        final = self.out / "final"
+        merged = final / "merged" if cfg.model.lora is not None and cfg.export.merge_lora else None
+        if cfg.model.lora is None:
+            checkpoint.export_hf(self.policy, self.tokenizer, final)
         else:
             from aligner import lora_export
 
-            lora_export.export_adapter(self.policy, self.tokenizer, self.out / "final",
-                                       merged_from=self.paths["policy"] if self.cfg.export.merge_lora else None,
-                                       dtype=models.torch_dtype(self.cfg.model.dtype))
-        if self.rank == 0:
-            (self.out / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2, sort_keys=True))
-        self.tb.close()
+            lora_export.export_adapter(self.policy, self.tokenizer, final, merged_from=self.paths["policy"] if merged else None,
+                                       dtype=models.torch_dtype(cfg.model.dtype))
+        if self.rank != 0:
+            return self.final_metrics
+        (self.out / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2, sort_keys=True))
+        card.write_cards(final, merged, card.card_facts(cfg, self.plugins, self.world, self.paths["policy"],
+                                                       self.final_metrics))
+        images = report_plots(self.out) if self.loggers.wants_final() else []
+        hub_url, failure = None, None
+        if cfg.export.push_to_hub:
+            try:
+                hub_url = push_to_hub(final, cfg.export)
+            except PushError as exc:
+                failure = exc
+        self.loggers.final(RunSummary(step, dict(self.final_metrics), images, final, merged, hub_url,
+                                      str(failure) if failure else None))
+        self.loggers.close("finished")
+        if failure is not None:
+            raise failure
         return self.final_metrics
 
 
@@ -532,10 +590,19 @@ def write_eval_logps(path: Path, inputs, step: int) -> None:
 
 
 def run(cfg: RunConfig, plugins: ActivePlugins, args: argparse.Namespace) -> dict[str, float]:
-    """The recipe: setup, the loop, then save, eval and export."""
+    """The recipe: setup, the loop, then save, eval and export. The loggers are closed with how the run ended."""
     recipe = Recipe(cfg, plugins, args).setup()
-    last_step = recipe.train()
-    return recipe.finish(last_step)
+    try:
+        last_step = recipe.train()
+        return recipe.finish(last_step)
+    except preempt.Preempted:
+        recipe.loggers.close("stopped")
+        raise
+    except PushError:
+        raise  # trained and exported: finish() closed the loggers as finished
+    except BaseException:
+        recipe.loggers.close("failed")
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,13 +622,17 @@ def main(argv: list[str] | None = None) -> int:
         code = report(3, f"aligner: stopped: {exc}")
     except preempt.Preempted as exc:
         code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
+    except PushError as exc:
+        code = report(EXIT_PUSH_FAILED, f"aligner: trained, but the push to the Hub failed: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C before the stop handling was installed (aligner/preempt.py): nothing to save
+        code = report(preempt.EXIT_INTERRUPTED, "aligner: interrupted (Ctrl-C) while starting; nothing was saved")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):
             raise
         print(lost_peer_message(exc, cfg), file=sys.stderr)  # every surviving rank says it: any may be the one left
         code = 4
     finally:
-        teardown.shutdown(clean=code in (0, preempt.EXIT_PREEMPTED))
+        teardown.shutdown(min(teardown.WAIT_S, cfg.train.dist_timeout_s) if cfg is not None else teardown.WAIT_S)
     return code
 
 

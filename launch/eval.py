@@ -28,7 +28,7 @@ from aligner.data.synthetic import gold_reward
 from aligner.generate import generate
 from aligner.logps import score_pairs
 from aligner.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
-from aligner.reward_judge import generation_prompts, load_reward_model, score
+from aligner.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,13 +78,15 @@ def task_prompts(rows) -> list[str] | None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    if args.reward_model:  # before any model is loaded or any text generated
+        check_reward_model(args.reward_model)
     model, model_path = load(args.model, "--model", args.revision)
     anchor, anchor_path = load(args.anchor, "--anchor", args.revision)
     if model.config.vocab_size != anchor.config.vocab_size:
         raise models.ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
                                 f"--model {model_path} has {model.config.vocab_size}; they must share the tokenizer")
     tokenizer = models.load_tokenizer(model_path)
-    rows = load_rows(args.data, args.split)
+    rows = load_rows(args.data, args.split, keys=("--split", "subset"))
     examples = tokenize_dataset(rows, tokenizer, args.max_length, None, "error", f"--data ({args.data})")
     pad = tokenizer.pad_token_id
     result = {

@@ -1,4 +1,5 @@
-"""FlipGuard: a focal constraint against update regression (Zhu et al., EMNLP 2024, arXiv:2410.00508).
+"""FlipGuard: a focal constraint against update regression (Zhu et al., EMNLP 2024, "FlipGuard: Defending
+Preference Alignment against Update Regression with Constrained Optimization", arXiv:2410.00508).
 
 The anchor π_pre (the paper's π_θ0) is the pre-aligned model, frozen: by
 default the policy's initial weights, or ``flipguard.anchor_path``. The

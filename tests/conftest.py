@@ -31,6 +31,46 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 300, cwd: Path | None
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+#: The runs of tests/test_faults.py: dpo with the test-only fault plugin, 8 short steps, no eval.
+FAULT_PLUGINS = ["--plugins", "dpo,plugin_fixtures.faults:faults"]
+FAULT_SHORT = ["train.max_steps=8", "train.save_every=3", "eval.every=0", "data.eval=null"]
+#: Every built-in logger at once, and a test-only one that fails at step 2 (tests/plugin_fixtures/flaky_logger.py).
+ALL_LOGGERS = ["report_to=[tensorboard,wandb,mlflow,trackio,plugin_fixtures.flaky_logger:flaky]", "flaky.fail_at_step=2"]
+HUB_REPO = "aligner-tests/tiny-dpo"
+
+
+def fault_run(out: Path, *overrides: str, resume: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = [*FAULT_PLUGINS, "--set", f"output_dir={out}", *FAULT_SHORT, *overrides] + (["--resume", "auto"] if resume else [])
+    return launch(args, env=env)
+
+
+def logger_env(root: Path) -> dict[str, str]:
+    """Where the loggers write in a test: W&B offline into the run's folder, Trackio's local store, no home folder."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+            "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data"),
+            "TRACKIO_DIR": str(root / "trackio"), "MLFLOW_ALLOW_FILE_STORE": "true", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def signalled(tmp_path_factory) -> dict:
+    """Rank 1 gets SIGUSR1 right after step 4 and SIGTERM while it writes step_4; then ``--resume auto`` to step 8.
+
+    Shared by tests/test_faults.py (the stop and the exact resume) and tests/test_loggers_e2e.py: both runs
+    report to every logger, and the resumed one pushes to the Hub with ``HF_HUB_OFFLINE=1`` (which fails, exit 6).
+    """
+    from aligner import checkpoint
+
+    out = tmp_path_factory.mktemp("signalled")
+    env = logger_env(out.parent / f"{out.name}-loggers")
+    stopped = fault_run(out, "faults.signal_at_step=4", "faults.signal_in_save_at=4", *ALL_LOGGERS, env=env)
+    after_stop = {"listed": [p.name for p in checkpoint.list_checkpoints(out)],
+                  "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "latest": (out / "checkpoints" / "latest").read_text(), "final": (out / "final").exists()}
+    resumed = fault_run(out, *ALL_LOGGERS, "export.push_to_hub=true", f"export.hub_model_id={HUB_REPO}",
+                        resume=True, env=env)
+    return {"out": out, "env": env, "stopped": stopped, "resumed": resumed, **after_stop}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from aligner import embedded

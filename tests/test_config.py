@@ -59,8 +59,11 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_section_of_an_inactive_installed_plugin_gets_a_targeted_error():
-    with pytest.raises(ConfigError, match=r"section 'dpo' configures plugin 'dpo', which is not active"):
-        build_config({"dpo": {"beta": 0.1}}, {}, {"dpo": "dpo"})
+    from aligner.registry import activate, inactive_sections
+
+    with pytest.raises(ConfigError, match=r"section 'dpo' configures plugin 'dpo', which is not active; add it to "
+                                          r"--plugins, or remove the section"):
+        build_config({"dpo": {"beta": 0.1}}, {}, inactive_sections(activate(["kto"])))
 
 
 def test_malformed_set_is_refused():

@@ -138,3 +138,19 @@ def test_resuming_a_lora_checkpoint_into_a_full_run_or_the_reverse_is_refused(so
     meta = checkpoint.read_meta(step)
     with pytest.raises(checkpoint.CheckpointError, match=r"was written with lora = None, this run has \{'alpha': 16.0"):
         checkpoint.check_compatible(step, {**meta, "lora": None}, meta)
+
+
+@pytest.mark.slow
+def test_the_adapter_and_the_merged_model_each_carry_a_model_card(soft_run):
+    from huggingface_hub import ModelCard
+
+    final = soft_run[0] / "final"
+    adapter, merged = ModelCard.load(final / "README.md"), ModelCard.load(final / "merged" / "README.md")
+    assert adapter.data.library_name == "peft" and merged.data.library_name == "transformers"
+    for c in (adapter, merged):
+        assert c.data.tags == ["aligner", "dpo", "tr_soft", "flipguard"]
+        assert "LoRA | r=4, alpha=16.0, dropout=0.0, target_modules=all-linear" in c.text
+        for arxiv in ("2305.18290", "2404.09656", "2410.00508"):  # DPO, TR-DPO, FlipGuard, from their docstrings
+            assert f"[arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})" in c.text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("path/to/final")' in adapter.text
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/final/merged")' in merged.text

@@ -82,7 +82,13 @@ def test_a_reward_model_with_several_outputs_or_no_config_is_refused(tmp_path, t
     err = capsys.readouterr().err
     assert f"--reward-model: {tmp_path / 'two'} has num_labels=2; a reward model has one score output" in err
     assert main([*common, "--reward-model", str(tmp_path / "missing")]) == 2
-    assert f"--reward-model: cannot load '{tmp_path / 'missing'}'" in capsys.readouterr().err
+    assert (f"--reward-model: the folder {tmp_path / 'missing'} does not exist (and it is not a Hub ID of the form "
+            f"org/name); give a reward model's folder") in capsys.readouterr().err
+    # checked first: before the models are loaded and the generations made (here --model would fail later)
+    assert main([*common[:1], str(tmp_path / "no-model"), *common[2:], "--reward-model", str(tmp_path / "two")]) == 2
+    assert "--reward-model:" in capsys.readouterr().err
+    assert main([*common, "--reward-model", "nobody/no-rm"]) == 2  # a Hub ID that is not in the cache (offline)
+    assert "--reward-model: there is no folder nobody/no-rm, and as a Hub ID it cannot load" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main([*common, "--reward-model", str(tmp_path / "two"), "--epsilon", "-1"])
     assert exc.value.code == 2 and "--epsilon must be >= 0, got -1.0" in capsys.readouterr().err
@@ -100,7 +106,7 @@ def test_eval_reward_model_refuses_a_run_without_eval_data_and_a_bad_model(tmp_p
         RewardJudge(cfg, tiny_tokenizer, rank=0)
     for rank in (0, 1):  # every rank refuses alike, so none waits for the others
         cfg = build_config({"eval": {"reward_model": str(tmp_path / "nope")}})
-        with pytest.raises(ModelError, match=r"eval.reward_model: cannot load"):
+        with pytest.raises(ModelError, match=r"eval.reward_model: the folder .*/nope does not exist"):
             RewardJudge(cfg, tiny_tokenizer, rank=rank)
     with pytest.raises(ConfigError, match="eval.reward_epsilon must be >= 0, got -0.5"):
         build_config({"eval": {"reward_epsilon": -0.5}})

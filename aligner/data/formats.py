@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-TARGET_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "id")
+#: Columns passed to the chat template with a conversational row (TRL's): ``tools`` and ``chat_template_kwargs``.
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+TARGET_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "id", *TEMPLATE_COLUMNS)
 
 
 class RowError(ValueError):
@@ -48,6 +50,34 @@ class RowError(ValueError):
 def is_conversational(value: Any) -> bool:
     """TRL's test: a list whose first item is a mapping with a ``role``."""
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def looks_like_messages(value: Any) -> bool:
+    """A non-empty list of mappings: meant as chat messages, whether or not each has its ``role``."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def check_messages(column: str, value: Any) -> list[dict]:
+    """The messages of a conversational column without their null keys (``datasets`` fills in the keys other rows'
+    messages have); each is a mapping with a string ``role``, and a string ``content`` or, for a tool call,
+    ``tool_calls`` and no content."""
+    if not isinstance(value, list) or not value:
+        raise RowError(column, "is an empty message list" if isinstance(value, list) else
+                       f"must be a list of chat messages like the other columns, got {type(value).__name__}")
+    out = []
+    for i, msg in enumerate(value):
+        msg = {k: v for k, v in msg.items() if v is not None} if isinstance(msg, dict) else msg
+        calls = isinstance(msg, dict) and isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not (
+                isinstance(msg.get("content"), str) or (calls and "content" not in msg)):
+            needed = ("role",) if isinstance(msg, dict) and "tool_calls" in msg else ("role", "content")
+            missing = [repr(k) for k in needed if isinstance(msg, dict) and k not in msg]
+            lacks = f"has no {' and no '.join(missing)}; it" if missing else ""
+            raise RowError(column, f"message {i} {lacks} must be a mapping with string 'role' and 'content' (or, for "
+                                   f"a tool call, 'tool_calls' and no content), e.g. {{'role': 'user', 'content': "
+                                   f"'...'}}, got {msg!r}".replace("  ", " "))
+        out.append(msg)
+    return out
 
 
 def _messages(value: Any) -> bool:
@@ -79,7 +109,7 @@ def detect_paired(columns: list[str], label: str) -> bool:
     paired = "chosen" in columns and "rejected" in columns
     if paired or all(c in columns for c in UNPAIRED_COLUMNS):
         used = PAIRED_COLUMNS if paired else UNPAIRED_COLUMNS
-        extra = [c for c in columns if c not in (*used, "id") and not c.startswith("_aligner")]
+        extra = [c for c in columns if c not in (*used, "id", *TEMPLATE_COLUMNS) and not c.startswith("_aligner")]
         if extra:
             log.warning("dataset %s: ignoring column(s) %s", label, ", ".join(extra))
         return paired
@@ -114,6 +144,9 @@ def paired_parts(row: dict) -> tuple[str | list, list[str | list]]:
     """(prompt, [chosen, rejected]) of a paired row, by TRL's explicit/implicit rules (module doc)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     prompt = row.get("prompt")
+    for column, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if looks_like_messages(value):  # a message without its role is not "a string": say what it lacks
+            check_messages(column, value)
     if prompt is not None and _messages(prompt) == _messages(chosen):
         return prompt, [chosen, rejected]
     for column, value in (("chosen", chosen), ("rejected", rejected)):
@@ -131,4 +164,7 @@ def unpaired_parts(row: dict) -> tuple[str | list, list[str | list], bool]:
     if not isinstance(label, bool):
         got = "missing" if label is None else f"{label!r} ({type(label).__name__})"
         raise RowError("label", f"must be true (desirable) or false (undesirable), got {got}")
+    for column in ("prompt", "completion"):
+        if looks_like_messages(row.get(column)):
+            check_messages(column, row.get(column))
     return row.get("prompt"), [row.get("completion")], label

@@ -34,22 +34,49 @@ class DataError(ValueError):
     """A dataset or one of its rows is wrong; the message names the file, row and column."""
 
 
-def load_rows(spec: str, split: str | None = None, subset: str | None = None) -> datasets.Dataset:
-    """Load one split of ``spec`` (see the module doc) as a ``datasets.Dataset``."""
+def load_rows(spec: str, split: str | None = None, subset: str | None = None, default_split: str = "train",
+              keys: tuple[str, str] = ("split", "subset")) -> datasets.Dataset:
+    """Load one split of ``spec`` (see the module doc) as a ``datasets.Dataset``.
+
+    ``split`` / ``subset`` ``None``: not given (a dataset with splits gives ``default_split``). Given for a dataset
+    that has neither (a single file, the embedded task, a saved ``Dataset``), they are refused rather than ignored
+    (but for the split ``train``, the one such a dataset is);
+    ``keys`` names them in that message (e.g. ``data.train_split``, ``data.subset``).
+    """
     if spec.startswith(EMBEDDED):
         name = spec[len(EMBEDDED):]
         if name not in synthetic.SPLIT_SIZES:
             raise DataError(f"unknown embedded dataset '{spec}'; use embedded:train or embedded:eval")
+        _refuse_unused(spec, "the embedded task", split, subset, keys)
         return datasets.Dataset.from_list(synthetic.make_rows(name))
     path = Path(spec)
     if path.is_file():
+        _refuse_unused(spec, "a single file", split, subset, keys)
         return _load_file(path, spec)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        return _pick_split(datasets.load_from_disk(str(path)), spec, split)
+        loaded = datasets.load_from_disk(str(path))
+        if not isinstance(loaded, datasets.DatasetDict):
+            _refuse_unused(spec, "one saved Dataset", split, subset, keys)
+        elif subset is not None:
+            _refuse_unused(spec, "a saved DatasetDict", None, subset, keys)
+        return _pick_split(loaded, spec, split, default_split)
     if path.is_dir() or _looks_like_hub_id(spec):
-        return _load_repository(spec, split, subset, local=path.is_dir())
+        return _load_repository(spec, split, subset, local=path.is_dir(), default_split=default_split)
     raise DataError(f"dataset {spec} does not exist; give a jsonl/json/parquet/csv/arrow file, a dataset folder, "
                     f"or a Hub dataset ID such as HuggingFaceH4/ultrafeedback_binarized")
+
+
+def _refuse_unused(spec: str, kind: str, split: str | None, subset: str | None, keys: tuple[str, str]) -> None:
+    """A split or subset named for a dataset that has none would be ignored, and the run would train on all of it
+    (``train`` is the one split a single file has: that name is fine)."""
+    if split is not None and split != "train":
+        raise DataError(f"{keys[0]}={split!r}: dataset {spec} is {kind}, with no splits to choose from, so the whole "
+                        f"of it would be read; remove {keys[0]}, or point at a dataset folder or Hub ID that has "
+                        f"the split '{split}'")
+    if subset is not None:
+        raise DataError(f"{keys[1]}={subset!r}: dataset {spec} is {kind}, with no subsets to choose from, so the whole "
+                        f"of it would be read; remove {keys[1]}, or name the subset in a mixture entry of the dataset "
+                        f"that has it (e.g. data.train: [{{path: org/name, subset: {subset}}}, {{path: {spec}}}])")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -57,18 +84,19 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and Path(spec).suffix not in FILE_BUILDERS
 
 
-def _pick_split(loaded, spec: str, split: str | None):
+def _pick_split(loaded, spec: str, split: str | None, default_split: str = "train"):
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded
-    name = split or "train"
+    name = split or default_split
     if name not in loaded:
-        key = "the split" if split else "no split given, and there is no 'train' split;"
+        key = "the split" if split else f"no split given, and there is no '{default_split}' split;"
         raise DataError(f"dataset {spec}: {key} '{name}' does not exist; its splits are {', '.join(loaded)}. "
                         f"Set data.train_split / data.eval_split (or 'split' in a data.train entry)")
     return loaded[name]
 
 
-def _load_repository(spec: str, split: str | None, subset: str | None, local: bool) -> datasets.Dataset:
+def _load_repository(spec: str, split: str | None, subset: str | None, local: bool,
+                     default_split: str = "train") -> datasets.Dataset:
     """A Hub dataset or a local repository folder through ``load_dataset``; unknown subsets and splits listed."""
     try:
         loaded = datasets.load_dataset(spec, name=subset)
@@ -86,7 +114,7 @@ def _load_repository(spec: str, split: str | None, subset: str | None, local: bo
                 f"once without HF_HUB_OFFLINE), or give a local file or folder"
             ) from None
         raise DataError(f"dataset {spec} cannot be read: {type(exc).__name__}: {exc}") from None
-    return _pick_split(loaded, spec, split)
+    return _pick_split(loaded, spec, split, default_split)
 
 
 def _config_names(spec: str) -> list[str]:
@@ -143,11 +171,13 @@ def diagnose_jsonl(path: Path, spec: str) -> None:
                                 f"at byte {exc.start} of the line are not valid UTF-8; re-save the file as UTF-8") from None
             if not text.strip():
                 continue
+            line = text.rstrip("\r\n")  # the line ending is not part of the JSON: columns count on this line only
             try:
-                value = json.loads(text)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"dataset {spec}, line {number} (row {rows}): not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}); the line may be truncated. Fix or remove that line") from None
+                where = "the end of the line" if exc.pos >= len(line) else f"column {exc.colno}"
+                raise DataError(f"dataset {spec}, line {number} (row {rows}): not valid JSON ({exc.msg.removesuffix(' at')} "
+                                f"at {where}); the line may be truncated. Fix or remove that line") from None
             if not isinstance(value, dict):
                 raise DataError(f"dataset {spec}, line {number} (row {rows}): a JSON {type(value).__name__}, "
                                 f"expected one object per line like {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")

@@ -11,7 +11,8 @@
   workers on ``data.num_proc`` processes, a progress bar), and writes the result to the
   on-disk cache (:mod:`aligner.data.cache`); the other ranks wait and read it
   (:func:`aligner.lockstep.leaders_first`). A later run or a resume with the same data,
-  tokenizer, chat template and length settings reads the cache and tokenizes nothing.
+  tokenizer, chat template (and ``data.chat_template_kwargs``) and length settings reads the cache and
+  tokenizes nothing.
 """
 
 from __future__ import annotations
@@ -28,37 +29,50 @@ import datasets
 import numpy as np
 
 from aligner.data import cache
-from aligner.data.formats import RowError, column_mapping, detect_paired
+from aligner.data.formats import TEMPLATE_COLUMNS, RowError, column_mapping, detect_paired
 from aligner.data.load import DataError, load_rows
 from aligner.data.tokenize import BATCH_ROWS, Encoded, check_ids, encode_rows, keep_rows, report, row_ids
 from aligner.lockstep import leaders_first
 
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when tokenization changes, so that stale cache entries are not reused
+VERSION = 2  # bump when tokenization changes, so that stale cache entries are not reused
 SOURCE_KEYS = ("path", "split", "subset", "samples", "columns")
+#: The columns a row's tokens are made from (with :data:`aligner.data.formats.TEMPLATE_COLUMNS`).
+READ_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
 #: Below this many rows one process tokenizes (starting workers costs more than it saves).
 PARALLEL_MIN_ROWS = 10_000
 
 
 @dataclass(frozen=True)
 class Source:
-    """One dataset of a split: where it is, which split/subset, how many rows, how its columns are named."""
+    """One dataset of a split: where it is, which split/subset, how many rows, how its columns are named.
+
+    ``split`` / ``subset`` ``None``: not given (``default_split`` is read where there are splits); ``keys`` are the
+    config keys they came from, for the message that refuses them on a dataset without splits or subsets.
+    """
 
     path: str
-    split: str
+    split: str | None
     subset: str | None
     samples: float | None
     columns: dict | None
+    default_split: str = "train"
+    keys: tuple[str, str] = ("data.train_split", "data.subset")
 
     @property
     def label(self) -> str:
-        return self.path if self.split in ("train", None) else f"{self.path} [{self.split}]"
+        split = self.split or self.default_split
+        return self.path if split == "train" or self.split is None else f"{self.path} [{split}]"
 
 
-def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key: str) -> list[Source]:
-    """The sources of ``data.train`` / ``data.eval``: one name, or a list of mixture entries."""
+def sources(spec: Any, split: str | None, subset: str | None, columns: dict | None, key: str) -> list[Source]:
+    """The sources of ``data.train`` / ``data.eval``: one name, or a list of mixture entries.
+
+    ``split``: ``data.train_split`` / ``data.eval_split`` (``None``: the ``train`` / ``test`` split where there are splits).
+    """
+    default_split, split_key = ("test", "data.eval_split") if key == "data.eval" else ("train", "data.train_split")
     if isinstance(spec, str):
-        return [Source(spec, split, subset, None, columns)]
+        return [Source(spec, split, subset, None, columns, default_split, (split_key, "data.subset"))]
     out = []
     for i, entry in enumerate(spec):
         if isinstance(entry, str):
@@ -71,8 +85,10 @@ def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples <= 0
                                     or (isinstance(samples, float) and samples > 1)):
             raise DataError(f"{key}[{i}].samples: {samples!r}; give a row count (an integer >= 1) or a fraction in (0, 1]")
+        keys = (f"{key}[{i}].split" if "split" in entry else split_key,
+                f"{key}[{i}].subset" if "subset" in entry else "data.subset")
         out.append(Source(entry["path"], entry.get("split", split), entry.get("subset", subset), samples,
-                          entry.get("columns", columns)))
+                          entry.get("columns", columns), default_split, keys))
     if not out:
         raise DataError(f"{key} is an empty list; name a dataset, or list mixture entries")
     return out
@@ -80,7 +96,7 @@ def sources(spec: Any, split: str, subset: str | None, columns: dict | None, key
 
 def load_source(src: Source, seed: int) -> datasets.Dataset:
     """Load a source, rename its columns by ``columns`` and draw its ``samples``."""
-    rows = load_rows(src.path, src.split, src.subset)
+    rows = load_rows(src.path, src.split, src.subset, src.default_split, src.keys)
     rename = column_mapping(src.columns, list(rows.column_names), src.label)
     if rename:
         rows = rows.select_columns(list(rename)).rename_columns(rename)
@@ -110,11 +126,11 @@ def data_fingerprint(rows: datasets.Dataset) -> str:
 
 
 def _encode_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, paired: bool, max_length: int,
-                  max_prompt_length: int | None) -> dict[str, list]:
+                  max_prompt_length: int | None, template_kwargs: dict | None = None) -> dict[str, list]:
     """``datasets.map`` function: one batch of rows -> token-id columns, with an error column for bad rows."""
     n = len(indices)
     rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-    encoded = encode_rows(rows, tokenizer, paired, max_length, max_prompt_length)
+    encoded = encode_rows(rows, tokenizer, paired, max_length, max_prompt_length, template_kwargs)
     names = ("chosen", "rejected") if paired else ("completion",)
     out: dict[str, list] = {"prompt": [], **{name: [] for name in names}, "label": [], "truncated": [],
                             "error_column": [], "error": []}
@@ -135,12 +151,12 @@ def tokenize_source(rows: datasets.Dataset, label: str, tokenizer: Any, paired: 
     num_proc = data_cfg.num_proc if data_cfg.num_proc is not None else (
         min(os.cpu_count() or 1, 8) if len(rows) >= PARALLEL_MIN_ROWS else None)
     ids = row_ids(rows["id"] if "id" in rows.column_names else None, len(rows))
-    rows = rows.select_columns([c for c in rows.column_names if c in ("prompt", "chosen", "rejected", "completion", "label")])
+    rows = rows.select_columns([c for c in rows.column_names if c in (*READ_COLUMNS, *TEMPLATE_COLUMNS)])
     mapped = rows.map(
         _encode_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
         num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"aligner: tokenizing {label}",
         fn_kwargs={"tokenizer": tokenizer, "paired": paired, "max_length": data_cfg.max_length,
-                   "max_prompt_length": data_cfg.max_prompt_length},
+                   "max_prompt_length": data_cfg.max_prompt_length, "template_kwargs": data_cfg.chat_template_kwargs},
         new_fingerprint=hashlib.sha256(f"{data_fingerprint(rows)}{label}".encode()).hexdigest()[:16],
         load_from_cache_file=False, keep_in_memory=True,
     )
@@ -180,7 +196,7 @@ def prepare_split(srcs: list[Source], tokenizer: Any, data_cfg: Any, seed: int, 
         "version": VERSION, "data": [data_fingerprint(r) for r in loaded], "sources": [s.__dict__ for s in srcs],
         "seed": seed if any(s.samples is not None for s in srcs) else None, "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": data_cfg.max_length, "max_prompt_length": data_cfg.max_prompt_length,
-        "on_bad_row": data_cfg.on_bad_row}, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        "on_bad_row": data_cfg.on_bad_row, "chat_template_kwargs": data_cfg.chat_template_kwargs}, sort_keys=True, default=str).encode()).hexdigest()[:32]
     found = cache.lookup(key)
     if found is not None:
         log.info("%s: %d tokenized rows from the cache %s", key_name, len(found), found.folder)

@@ -17,6 +17,14 @@ Then, as ``DPOTrainer._prepare_dataset`` / ``KTOTrainer._prepare_dataset`` do:
   share (TRL's ``common_prefix_length``); each response is the rest of its
   sequence. A template or a merge across the boundary that changes the end of
   the prompt thus moves those tokens out of the prompt, as in TRL.
+- **Tool calling** (TRL's ``tools`` column): a conversational row's ``tools`` (a list of JSON schemas, or
+  that list as a JSON string) goes to the chat template as ``tools=``, for the prompt and for each
+  prompt+response, as do ``data.chat_template_kwargs`` and the row's own ``chat_template_kwargs`` (a
+  mapping; the row's keys win), e.g. ``enable_thinking``. A message may carry ``tool_calls`` instead of
+  ``content``. Keys whose value is null are dropped from messages and from tools given as a list: a
+  ``datasets`` column of mappings fills the keys a row lacks with null, which a template would render.
+  Store tools as a JSON string to keep them exactly as written. A plain-text row with ``tools`` is
+  refused: only the chat template renders tools.
 - Truncation: the prompt is cut from the left to ``max_prompt_length`` (if
   set), then the responses from the right so that prompt + response fits
   ``max_length`` (TRL's ``keep_start`` when no prompt limit is set). A row whose
@@ -31,11 +39,12 @@ column, or, with ``data.on_bad_row: skip``, are dropped and counted.
 from __future__ import annotations
 
 import logging
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from aligner.data.formats import RowError, detect_paired, is_conversational, paired_parts, unpaired_parts
+from aligner.data.formats import RowError, check_messages, detect_paired, is_conversational, paired_parts, unpaired_parts
 from aligner.data.load import DataError
 
 log = logging.getLogger(__name__)
@@ -74,16 +83,44 @@ class Encoded:
     truncated: bool
 
 
-def _check_messages(column: str, value: Any) -> None:
-    if not isinstance(value, list) or not value:
-        raise RowError(column, "is an empty message list" if isinstance(value, list) else
-                       f"must be a list of chat messages like the other columns, got {type(value).__name__}")
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise RowError(column, f"message {i} must be a mapping with string 'role' and 'content', got {msg!r}")
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
-def render_row(row: dict, tokenizer: Any, paired: bool) -> tuple[str, list[str], bool, bool | None]:
+def template_arguments(row: dict, template_kwargs: dict | None) -> dict[str, Any]:
+    """The chat template's extra arguments for a row: ``data.chat_template_kwargs``, the row's own
+    ``chat_template_kwargs`` over them, and its ``tools`` (module doc)."""
+    own = row.get("chat_template_kwargs")
+    if isinstance(own, str):
+        try:
+            own = json.loads(own)
+        except json.JSONDecodeError as exc:
+            raise RowError("chat_template_kwargs", f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if own is not None and not isinstance(own, dict):
+        raise RowError("chat_template_kwargs", f"must be a mapping of template arguments, got {type(own).__name__}")
+    out = {**(template_kwargs or {}), **_drop_nulls(own or {})}
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise RowError("tools", f"is not valid JSON ({exc.msg} at character {exc.pos}); give a list of tool "
+                                    f"JSON schemas, or that list as a JSON string") from None
+    elif tools is not None:
+        tools = _drop_nulls(tools)
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise RowError("tools", f"must be a list of tool JSON schemas (mappings), got {tools!r:.200}")
+        out["tools"] = tools
+    return out
+
+
+def render_row(row: dict, tokenizer: Any, paired: bool,
+               template_kwargs: dict | None = None) -> tuple[str, list[str], bool, bool | None]:
     """(prompt text, prompt+response texts, templated, label) of one row, by TRL's rules (module doc)."""
     if paired:
         prompt, responses = paired_parts(row)
@@ -94,14 +131,17 @@ def render_row(row: dict, tokenizer: Any, paired: bool) -> tuple[str, list[str],
         prompt, responses, label = unpaired_parts(row)
         names = ("completion",)
     if is_conversational(prompt):
-        for column, value in zip(("prompt", *names), (prompt, *responses)):
-            _check_messages(column, value)
+        prompt, *responses = [check_messages(c, v) for c, v in zip(("prompt", *names), (prompt, *responses))]
         if not getattr(tokenizer, "chat_template", None):
             raise RowError("prompt", "is a chat conversation but the model's tokenizer has no chat template; give "
                                      "string rows, set model.chat_template, or use a tokenizer with a chat_template")
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        fulls = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in responses]
+        extra = template_arguments(row, template_kwargs)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **extra)
+        fulls = [tokenizer.apply_chat_template(prompt + r, tokenize=False, **extra) for r in responses]
         return prompt_text, fulls, True, label
+    if row.get("tools") is not None:
+        raise RowError("tools", "is given but the row is plain text: tools reach the model only through the chat "
+                                "template; give prompt and responses as chat messages, or drop the tools column")
     for column, value in zip(("prompt", *names), (prompt, *responses)):
         if not isinstance(value, str):
             kinds = {c: type(v).__name__ for c, v in zip(("prompt", *names), (prompt, *responses))}
@@ -144,14 +184,15 @@ def split_ids(prompt_ids: list[int], full_ids: list[list[int]], names: tuple[str
     return prompt, [r[:room] for r in responses], truncated
 
 
-def encode_rows(rows: list[dict], tokenizer: Any, paired: bool, max_length: int,
-                max_prompt_length: int | None) -> list[Encoded | RowError]:
-    """Encode many rows with two batched tokenizer calls (plain text with special tokens, templated without)."""
+def encode_rows(rows: list[dict], tokenizer: Any, paired: bool, max_length: int, max_prompt_length: int | None,
+                template_kwargs: dict | None = None) -> list[Encoded | RowError]:
+    """Encode many rows with two batched tokenizer calls (plain text with special tokens, templated without);
+    ``template_kwargs``: ``data.chat_template_kwargs``."""
     names = ("chosen", "rejected") if paired else ("completion",)
     rendered: list[tuple[str, list[str], bool, bool | None] | RowError] = []
     for row in rows:
         try:
-            rendered.append(render_row(row, tokenizer, paired))
+            rendered.append(render_row(row, tokenizer, paired, template_kwargs))
         except RowError as exc:
             rendered.append(exc)
     ids: dict[bool, list[list[int]]] = {}
@@ -210,9 +251,10 @@ def report(label: str, skipped: Counter, n_truncated: int, n_kept: int, max_leng
         raise DataError(f"dataset {label} has no usable rows ({sum(skipped.values())} skipped as bad); see the warnings above")
 
 
-def tokenize_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], list[int], bool]:
+def tokenize_row(row: dict, tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                 template_kwargs: dict | None = None) -> tuple[list[int], list[int], list[int], bool]:
     """Tokenize one paired row; returns prompt, chosen and rejected ids and whether it was truncated."""
-    (result,) = encode_rows([row], tokenizer, True, max_length, max_prompt_length)
+    (result,) = encode_rows([row], tokenizer, True, max_length, max_prompt_length, template_kwargs)
     if isinstance(result, RowError):
         raise result
     return result.prompt_ids, result.responses[0], result.responses[1], result.truncated
@@ -227,7 +269,7 @@ def tokenize_unpaired_row(row: dict, tokenizer: Any, max_length: int, max_prompt
 
 
 def tokenize_dataset(rows: Any, tokenizer: Any, max_length: int, max_prompt_length: int | None,
-                     on_bad_row: str, label: str) -> list[Example] | list[UnpairedExample]:
+                     on_bad_row: str, label: str, template_kwargs: dict | None = None) -> list[Example] | list[UnpairedExample]:
     """Validate and tokenize every row in memory (a ``datasets.Dataset`` or a list of dicts).
 
     Training runs go through :func:`aligner.data.prepare.prepare_data` instead (parallel, cached); this is
@@ -238,7 +280,8 @@ def tokenize_dataset(rows: Any, tokenizer: Any, max_length: int, max_prompt_leng
     paired = detect_paired(columns, label)
     encoded: list[Encoded | RowError] = []
     for start in range(0, len(rows), BATCH_ROWS):
-        encoded += encode_rows(rows[start:start + BATCH_ROWS], tokenizer, paired, max_length, max_prompt_length)
+        encoded += encode_rows(rows[start:start + BATCH_ROWS], tokenizer, paired, max_length, max_prompt_length,
+                               template_kwargs)
     ids = row_ids([r.get("id") for r in rows] if "id" in columns else None, len(rows))
     keep, skipped = keep_rows(encoded, label, on_bad_row)
     check_ids(ids, keep, label, on_bad_row)

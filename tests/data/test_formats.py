@@ -119,3 +119,98 @@ def test_a_template_that_writes_nothing_after_the_prompt_is_an_error_naming_the_
     row = {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")]}
     with pytest.raises(DataError, match=r"row 0, column 'chosen': is empty once the prompt is removed"):
         tokenize_dataset([row], tok, 64, None, "error", "d.jsonl")
+
+
+# Tool calling (TRL's ``tools`` column) and data.chat_template_kwargs, with a template that renders both:
+# "[nothink]" when enable_thinking is false, "[tools]" + each tool's name + ";" and a newline, then each message
+# as <|role|> + content (or "call:" + each tool call's name) + newline.
+TOOLS_TEMPLATE = (
+    "{% if enable_thinking is defined and not enable_thinking %}[nothink]{% endif %}"
+    "{% if tools %}[tools]{% for t in tools %}{{ t['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}"
+    "call:{{ c['function']['name'] }}{% endfor %}{% else %}{{ m['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TOOL = {"type": "function", "function": {"name": "sort", "description": "Sort a list",
+                                         "parameters": {"type": "object", "properties": {"xs": {"type": "array"}}}}}
+CALL = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "sort", "arguments": {"xs": [2, 1]}}}]}
+
+
+@pytest.fixture
+def tools_tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = TOOLS_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("tools", [[TOOL], __import__("json").dumps([TOOL])], ids=["list", "json-string"])
+def test_a_tools_column_reaches_the_chat_template_and_a_tool_call_is_a_response(tools_tokenizer, tools):
+    row = {"prompt": [user("a")], "chosen": [CALL], "rejected": [assistant("c")], "tools": tools}
+    p, c, r, _ = tokenize_row(row, tools_tokenizer, 128, None)
+    assert p == ids("[tools]sort;\n<|user|>a\n<|assistant|>")
+    assert c == ids("call:sort\n") and r == [69, NL]
+    without = tokenize_row({**row, "tools": None}, tools_tokenizer, 128, None)
+    assert without[0] == CHAT_PROMPT and without[1:3] == (ids("call:sort\n"), [69, NL])
+
+
+def test_chat_template_kwargs_come_from_the_config_and_a_row_overrides_them(tools_tokenizer):
+    row = {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")]}
+    off = {"enable_thinking": False}
+    assert tokenize_row(row, tools_tokenizer, 128, None, off)[0] == ids("[nothink]<|user|>a\n<|assistant|>")
+    assert tokenize_row(row, tools_tokenizer, 128, None)[0] == CHAT_PROMPT
+    own = {**row, "chat_template_kwargs": {"enable_thinking": True}}
+    assert tokenize_row(own, tools_tokenizer, 128, None, off)[:3] == CHAT_IDS
+
+
+def test_null_keys_that_datasets_fills_in_are_not_rendered(tools_tokenizer):
+    """A datasets column of messages gives every message every key (tool_calls: None on plain ones)."""
+    row = {"prompt": [{**user("a"), "tool_calls": None}], "chosen": [{**CALL, "content": None}],
+           "rejected": [{**assistant("c"), "tool_calls": None}], "tools": [{**TOOL, "strict": None}]}
+    p, c, r, _ = tokenize_row(row, tools_tokenizer, 128, None)
+    assert (p, c, r) == (ids("[tools]sort;\n<|user|>a\n<|assistant|>"), ids("call:sort\n"), [69, NL])
+
+
+def test_tools_through_the_cached_pipeline_give_the_same_ids(tools_tokenizer, tmp_path):
+    """data.train as a jsonl file: datasets reads it, rank 0 tokenizes it into the cache (aligner/data/prepare.py)."""
+    import json
+
+    from aligner.config import build_config
+    from aligner.data import prepare_data
+
+    path = tmp_path / "tools.jsonl"
+    row = {"prompt": [user("a")], "chosen": [CALL], "rejected": [assistant("c")], "tools": json.dumps([TOOL])}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "rejected": [assistant("d")]}) + "\n")
+    cfg = build_config({"data": {"train": str(path), "eval": None, "chat_template_kwargs": {"enable_thinking": False}}})
+    train, _ = prepare_data(cfg, tools_tokenizer)
+    assert train[0].prompt_ids == ids("[nothink][tools]sort;\n<|user|>a\n<|assistant|>")
+    assert train[0].chosen_ids == ids("call:sort\n") and train[1].rejected_ids == [70, NL]
+
+
+@pytest.mark.parametrize("row, column, problem", [
+    ({"tools": "[{not json"}, "tools", r"is not valid JSON \(Expecting property name"),
+    ({"tools": [1, 2]}, "tools", r"must be a list of tool JSON schemas \(mappings\), got \[1, 2\]"),
+    ({"chat_template_kwargs": [1]}, "chat_template_kwargs", r"must be a mapping of template arguments, got list"),
+    ({"chosen": [{"role": "assistant", "tool_calls": "sort"}]}, "chosen", r"message 0 must be a mapping with string "
+                                                                          r"'role' and 'content' \(or, for a tool call"),
+], ids=["tools-not-json", "tools-not-schemas", "kwargs-not-mapping", "tool-calls-not-a-list"])
+def test_bad_tools_and_template_arguments_are_errors_naming_the_row_and_column(tools_tokenizer, row, column, problem):
+    good = {"prompt": [user("a")], "chosen": [assistant("b")], "rejected": [assistant("c")]}
+    with pytest.raises(DataError, match=rf"d.jsonl, row 1, column '{column}': {problem}"):
+        tokenize_dataset([good, {**good, **row}], tools_tokenizer, 64, None, "error", "d.jsonl")
+
+
+def test_tools_on_a_plain_text_row_are_refused(tiny_tokenizer):
+    with pytest.raises(DataError, match=r"row 0, column 'tools': is given but the row is plain text: tools reach the "
+                                        r"model only through the chat template"):
+        tokenize_dataset([{"prompt": "ab", "chosen": " c", "rejected": " d", "tools": [TOOL]}], tiny_tokenizer, 64,
+                         None, "error", "d.jsonl")
+
+
+def test_chat_template_kwargs_may_not_set_what_aligner_sets():
+    from aligner.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"data.chat_template_kwargs.add_generation_prompt: aligner sets .* itself "
+                                          r"\(tools come from the rows' tools column\); remove add_generation_prompt"):
+        build_config({"data": {"chat_template_kwargs": {"add_generation_prompt": True}}})
+    with pytest.raises(ConfigError, match=r"key 'data.chat_template_kwargs' expects a mapping, got 'yes'"):
+        build_config({"data": {"chat_template_kwargs": "yes"}})

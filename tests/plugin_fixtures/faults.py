@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ class FaultsConfig:
     #: after this optimizer step, rank ``kill_rank``'s file-size limit (RLIMIT_FSIZE) drops to ``fsize_limit_bytes``
     fsize_limit_after_step: int = 0
     fsize_limit_bytes: int = 4096
+    #: every rank sleeps this long in each save, after the engine's shards (a slow file system; 0: no sleep)
+    save_sleep_s: float = 0.0
 
 
 def _rank() -> int:
@@ -90,10 +93,11 @@ class Faults:
         cfg = config.section("faults")
         (directory / "faults").mkdir(parents=True, exist_ok=True)
         (directory / "faults" / f"rank{_rank()}.txt").write_text(str(self.micro_batches))
-        if directory.name == f"step_{cfg.kill_in_save_at}" and _rank() == cfg.kill_rank:
+        if cfg.kill_in_save_at and directory.name == f"step_{cfg.kill_in_save_at}" and _rank() == cfg.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
-        if directory.name == f"step_{cfg.signal_in_save_at}" and _rank() == cfg.kill_rank:
+        if cfg.signal_in_save_at and directory.name == f"step_{cfg.signal_in_save_at}" and _rank() == cfg.kill_rank:
             os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(cfg.save_sleep_s)
 
 
 faults = Faults()
