@@ -21,15 +21,19 @@ rank 0 of every job (one lock per job, however many nodes) holds
 - A lock is *stale* when its holder is gone: on the same host, its pid is not alive
   (or is another process, by its start time in ``/proc``); on any host, its heartbeat
   is older than :data:`STALE_S` (hosts' clocks are assumed to agree within that, as
-  NTP keeps them). A stale lock is taken over with a warning: renamed aside under a
-  name of this job's own (one ``rename`` wins), checked to be the very lock judged
-  stale, then replaced by this job's.
+  NTP keeps them). A stale lock is taken over with a warning. Takeovers are serialised by
+  an exclusive ``flock`` on ``output_dir/.aligner.lock.takeover`` (the kernel drops it when
+  its holder dies, so it can never go stale itself): under it the lock is read and judged
+  again, and removed only while it is still the stale one; then this job links its own
+  lock as any starting job does. A lock cannot change under the guard, because only a
+  takeover removes another job's lock and new locks are linked only where none is.
 - The lock is removed at the end of the run, whatever the exit code
   (aligner/teardown.py), and only by the job whose token it holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,9 +41,10 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("aligner")
 LOCK_NAME = "aligner.lock"
@@ -176,6 +181,18 @@ def new_holder(world_size: int) -> dict[str, Any]:
             "started": time.time(), "token": uuid.uuid4().hex, "world_size": world_size}
 
 
+@contextmanager
+def takeover_guard(path: Path) -> Iterator[None]:
+    """Hold the exclusive ``flock`` that serialises takeovers of the lock at ``path`` (one per open file, so it
+    also orders threads of one process)."""
+    guard = os.open(path.with_name(f".{LOCK_NAME}.takeover"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(guard)  # closing the last descriptor of the open file drops the flock
+
+
 def try_acquire(output_dir: str | Path, world_size: int = 1) -> tuple[JobLock | None, dict[str, Any] | None]:
     """(this job's lock, None), or (None, the live holder). A stale lock is taken over with a warning."""
     path = lock_path(output_dir)
@@ -189,23 +206,16 @@ def try_acquire(output_dir: str | Path, world_size: int = 1) -> tuple[JobLock | 
         holder = read(path)
         if holder is None:
             continue  # released between our two looks
-        why = stale_reason(holder)
-        if why is None:
+        if stale_reason(holder) is None:
             return None, holder
-        aside = path.with_name(f".{LOCK_NAME}.stale-{mine['token']}")
-        try:
-            os.rename(path, aside)  # of two jobs taking over, one rename finds the file
-        except FileNotFoundError:
-            continue
-        taken = read(aside)
-        if taken is not None and taken.get("token") != holder.get("token"):  # a newer, live lock: put it back
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            continue
-        aside.unlink(missing_ok=True)
+        with takeover_guard(path):
+            holder = read(path)  # judged again: another job may have taken it over while this one waited
+            if holder is None:
+                continue
+            why = stale_reason(holder)
+            if why is None:
+                return None, holder
+            path.unlink(missing_ok=True)  # a holder judged gone by its heartbeat may yet release it
         log.warning("job lock %s: taking over from a job that is gone (%s; %s)", path, describe(holder), why)
     raise LockError(f"the job lock {path} kept changing while this job tried to take it; another job is starting on "
                     f"the same output_dir. Wait for it, or choose another output_dir")
