@@ -75,11 +75,14 @@ class BatchPath:
                                            "kernel_fallbacks": list(self.kernel_fallbacks)}
 
     def apply(self, cfg):
-        """``cfg`` with the dtype and switches as decided and the concrete attention implementation; from now on
-        this process's packed forwards run on :attr:`kernel`."""
+        """:meth:`configured` ``cfg``; from now on this process's packed forwards run on :attr:`kernel`."""
         if self.attn_implementation == attention.VARLEN:
             attention.register()
             attention.activate(self.kernel)
+        return self.configured(cfg)
+
+    def configured(self, cfg):
+        """``cfg`` with the dtype and switches as decided and the concrete attention implementation."""
         attn = "varlen" if self.attn_implementation == attention.VARLEN else self.attn_implementation
         train = dataclasses.replace(cfg.train, packing=self.packing, prefix_sharing=self.prefix_sharing,
                                     logps_chunk_tokens=self.chunk_tokens)
@@ -122,11 +125,16 @@ def head_problem(model_config, trust_remote_code: bool = False) -> str | None:
     return scoring_head_problem(model)
 
 
+#: :attr:`BatchPath.kernel` of a GPU path decided away from the GPU (``aligner-estimate``): the run picks it.
+KERNEL_AT_START = "the kernel the start-up self-check picks"
+
+
 def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = None,
-           kernels: list[attention.Kernel] | None = None) -> BatchPath:
+           kernels: list[attention.Kernel] | None = None, pick_kernel: bool = True) -> BatchPath:
     """The run's :class:`BatchPath` from the requested switches (``cfg.train``, ``cfg.model``), the policy's HF
     config, the data (``paired``) and the plugins' inputs (``kl_pairs``), on this machine (``cuda``: detected when
-    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.attention.detect_kernels`)."""
+    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.attention.detect_kernels`). Without
+    ``pick_kernel`` a GPU path's kernel is left to the run (:data:`KERNEL_AT_START`): no kernel is run here."""
     from aligner.config import ConfigError
 
     t, requested_attn = cfg.train, cfg.model.attn_implementation
@@ -164,17 +172,19 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
     attn = attention.attn_implementation(requested_attn, packing)
     kernel, kernel_fallbacks = attn, []
     if attn == attention.VARLEN:
-        kernel = attention.SDPA_SEGMENTS
-        if cuda:
+        kernel = attention.SDPA_SEGMENTS.name
+        if cuda and not pick_kernel:
+            kernel = KERNEL_AT_START
+        elif cuda:
             window = getattr(model_config, "sliding_window", None)
             heads, kv_heads, head_dim = attention_shape(model_config)
             if t.sequence_parallel > 1:  # each rank's kernel runs its share of the heads (aligner/sequence_parallel.py)
                 from aligner.sequence_parallel import local_heads
 
                 heads, kv_heads = local_heads(heads, kv_heads, t.sequence_parallel)
-            kernel, kernel_fallbacks = attention.choose_kernel(getattr(torch, dtype), heads, kv_heads, head_dim,
+            chosen, kernel_fallbacks = attention.choose_kernel(getattr(torch, dtype), heads, kv_heads, head_dim,
                                                                window, candidates=kernels)
-        kernel = kernel.name
+            kernel = chosen.name
     return BatchPath(packing, sharing, chunk, attn, kernel, dtype, tuple(fallbacks), tuple(kernel_fallbacks))
 
 

@@ -54,6 +54,7 @@ overhead is not modelled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -175,9 +176,17 @@ class ModelShape:
 
 def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape, str]:
     """The model's shape from ``--model-config`` (a file, a folder or a built-in name) or the checkpoint folder."""
+    conf, source = load_model_config(model_config, name_or_path)
+    return ModelShape.from_dict(conf, source), source
+
+
+def load_model_config(model_config: str | None, name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The model's config.json as a dict (its ``text_config`` for a multimodal one) and where it came from:
+    ``--model-config`` (a file, a folder or a built-in name), else the checkpoint (folder, Hub cache, built-in
+    shape of a known Hub ID)."""
     spec = model_config or name_or_path
     if spec in BUILTIN_SHAPES:
-        return ModelShape.from_dict(BUILTIN_SHAPES[spec], spec), f"built-in shape {spec}"
+        return BUILTIN_SHAPES[spec], f"built-in shape {spec}"
     if model_config is None and spec.startswith("embedded:"):
         from aligner import embedded
 
@@ -189,7 +198,7 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
     elif model_config is None and not Path(spec).exists() and hub.is_hub_id(spec):
         path = hub.cached_file(spec, "config.json")
         if path is None and spec in HUB_SHAPES:
-            return ModelShape.from_dict(BUILTIN_SHAPES[HUB_SHAPES[spec]], spec), f"built-in shape of {spec}"
+            return BUILTIN_SHAPES[HUB_SHAPES[spec]], f"built-in shape of {spec}"
         if path is None:
             raise EstimateError(
                 f"model.name_or_path: the config.json of {spec} is not in the Hugging Face cache; fetch it "
@@ -209,7 +218,7 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise EstimateError(f"{key}: {path} is not valid JSON: {exc}") from None
-    return ModelShape.from_dict(conf.get("text_config", conf), str(path)), str(path)
+    return conf.get("text_config", conf), str(path)
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,7 @@ class Estimate:
     frozen: list[FrozenModel] = field(default_factory=list)
     plan: ModelPlan | None = None
     data_paired: bool | None = None  # None: data.train could not be read here, pairs assumed
+    batch_path: Any = None  # aligner.batch_path.BatchPath: the path the run takes (aligner-estimate only)
     trainable: int = 0  # parameters the optimizer holds state for (under model.lora: the adapters)
     sequence_parallel: int = 1  # ranks per sequence (train.sequence_parallel)
 
@@ -541,6 +551,8 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     if est.plan is not None:
         assumed = " (data.train not readable here: preference pairs assumed)" if est.data_paired is None else ""
         out.append(f"model plan: {est.plan.describe()}{assumed}")
+    if est.batch_path is not None:
+        out.append(f"batch path: {est.batch_path.describe()}")
     out.append("")
     out.append(f"{'per rank, training':<34} {'GiB':>9}  note")
     for line in est.steady:
@@ -590,16 +602,30 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
         raise EstimateError(f"--config {args.config}: no such file; pass the path of the run's YAML config (see configs/)")
     cfg, plugins = configure(ns)
     cfg = resolved(cfg, args.device)
-    shape, _ = load_shape(args.model_config, cfg.model.name_or_path)
+    conf, source = load_model_config(args.model_config, cfg.model.name_or_path)
+    shape = ModelShape.from_dict(conf, source)
     paired = data_is_paired(cfg)
     plan = make_plan(cfg, plugins, paired_data=paired is not False)
+    path = batch_path(cfg, conf, paired is not False, plan.needs("kl_pairs"), args.device)
+    cfg = path.configured(cfg)  # the memory of the path the run takes, fallbacks included
     frozen_shapes = {}
     for fm in planned_frozen_models(cfg, plugins, plan):
         if fm.path != cfg.model.name_or_path and args.model_config is None:
             frozen_shapes[fm.path] = load_shape(None, fm.path)[0]
     est = estimate(cfg, plugins, shape, args.gpus, args.nodes, args.device, frozen_shapes, plan)
-    est.data_paired = paired
+    est.data_paired, est.batch_path = paired, path
     return est
+
+
+def batch_path(cfg, conf: dict[str, Any], paired: bool, kl_pairs: bool, device: str):
+    """The run's :class:`aligner.batch_path.BatchPath` as the run decides it (the model's config ``conf``, the data,
+    the plugins' inputs), on ``device``; a GPU kernel is left to the run's start-up self-check."""
+    from transformers import AutoConfig
+
+    from aligner.batch_path import decide
+
+    model_config = AutoConfig.for_model(**conf)
+    return decide(cfg, model_config, paired, kl_pairs, cuda=device == "gpu", pick_kernel=False)
 
 
 def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
@@ -608,6 +634,7 @@ def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
         "sequence_parallel": est.sequence_parallel,
         "frozen": [f.__dict__ for f in est.frozen],
         "plan": est.plan.to_dict() if est.plan is not None else None, "data_paired": est.data_paired,
+        "batch_path": est.batch_path.to_dict() if est.batch_path is not None else None,
         "steady_gib": {line.name: line.bytes / GIB for line in est.steady},
         "prepass_gib": {line.name: line.bytes / GIB for line in est.prepass},
         "host_gib_per_rank": {line.name: line.bytes / GIB for line in est.host},
@@ -624,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
-        est = run_estimate(args)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            est = run_estimate(args)  # libraries' log lines (DeepSpeed's go to stdout) stay out of the JSON
     except (EstimateError, ConfigError, PluginError, PluginHookError, ModelError) as exc:
         print(f"aligner-estimate: error: {exc}", file=sys.stderr)
         return 2

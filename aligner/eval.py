@@ -39,12 +39,12 @@ def shard_batches(examples: list[Example], batch_size: int, rank: int, world: in
 def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExample], batch_size: int,
                    pad_token_id: int, kl_pairs: bool = False, max_length: int | None = None,
                    static: dict | None = None, packing: bool = False, chunk_tokens: int = 0,
-                   prefix_sharing: bool = False) -> StepInputs:
+                   prefix_sharing: bool = False, plan: ModelPlan | None = None) -> StepInputs:
     """Log-probs of every example under every built (or cached, ``static``) model, gathered onto every rank.
 
     Works on paired and unpaired examples, padded or packed (``packing``, ``prefix_sharing``). With
     ``kl_pairs`` the mismatched-pair log-probs of every eval batch (rows of real
-    examples only) are gathered too.
+    examples only) are gathered too. ``plan``: the run's model plan (:func:`aligner.step.gather_inputs`).
     """
     rank, world = sequence_parallel.data_parallel()  # the ranks that share a sequence score the same examples
     built = [m for m in ("policy", "reference", "anchor") if getattr(engines, m) is not None or m in (static or {})]
@@ -55,7 +55,7 @@ def collect_inputs(engines: Engines, examples: list[Example] | list[UnpairedExam
         make_collate(packing, pad_token_id, kl_pairs, max_length, prefix_sharing, sharded), pad_token_id)
     for batch_examples, n_real in shard_batches(examples, batch_size, rank, world):
         batch = collate(batch_examples)
-        inputs = gather_inputs(batch, engines, static, chunk_tokens)
+        inputs = gather_inputs(batch, engines, static, chunk_tokens, plan)
         n_chosen = batch.n_chosen
         for row, index in enumerate(batch.row_index):
             if index >= n_real:
@@ -108,7 +108,8 @@ def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedE
     engines.policy.eval()
     kl_pairs = (plan or make_plan(config, plugins)).needs("kl_pairs")  # the run's plan; made here when called alone
     inputs = collect_inputs(engines, examples, config.eval.batch_size, pad_token_id, kl_pairs, config.data.max_length,
-                            static, config.train.packing, config.train.logps_chunk_tokens, config.train.prefix_sharing)
+                            static, config.train.packing, config.train.logps_chunk_tokens, config.train.prefix_sharing,
+                            plan)
     if was_training:
         engines.policy.train()
     with torch.no_grad():

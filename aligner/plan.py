@@ -87,6 +87,12 @@ class ModelPlan:
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
 
+    def scored_as(self, name: str) -> str | None:
+        """The model whose log-probs are ``name``'s (it shares that model's engine or cache, weights and all), or
+        None. A model that shares the policy's engine under LoRA runs it with other adapters: scored on its own."""
+        spec = self.models.get(name)
+        return spec.shares if spec is not None and spec.shares not in (None, "policy") else None
+
     def needs(self, input_name: str) -> bool:
         """Whether some plugin asked for the optional input ``input_name`` (``unpaired``, ``kl_pairs``)."""
         return input_name in self.inputs

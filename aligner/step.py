@@ -12,6 +12,7 @@ from aligner.data.batch import Batch
 from aligner.hookspecs import Engines, LossOutput, SequenceLogps, StepInputs
 from aligner.logps import batch_logps
 from aligner.losses import loss_section, weighted_losses
+from aligner.plan import ModelPlan
 from aligner.rewards import flip_transitions, implicit_reward_metrics, reward_beta
 from aligner.registry import ActivePlugins, PluginHookError
 
@@ -22,7 +23,8 @@ def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLo
     return SequenceLogps(chosen=values[:n_chosen], rejected=values[n_chosen:])
 
 
-def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, chunk_tokens: int = 0) -> StepInputs:
+def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, chunk_tokens: int = 0,
+                  plan: ModelPlan | None = None) -> StepInputs:
     """Policy log-probs with gradients; reference and anchor log-probs without, when those engines exist.
 
     ``batch`` is a :class:`aligner.data.batch.Batch`, padded or packed. It may be
@@ -33,6 +35,8 @@ def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, ch
     :param static: model name -> its cached log-probs for this batch's split (an
         :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
     :param chunk_tokens: ``train.logps_chunk_tokens`` (see aligner/logps.py).
+    :param plan: the run's model plan; a model it says shares another's weights (:meth:`ModelPlan.scored_as`) takes
+        that model's log-probs, one forward for both. Without a plan every engine runs its own forward.
     """
     n_chosen = batch.n_chosen
     policy_logps, n_tokens = batch_logps(engines.policy, batch, chunk_tokens)  # (N,), (N,)
@@ -43,8 +47,8 @@ def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, ch
             frozen[name] = static[name].logps(list(batch.ids), policy_logps.device)
         elif engine is None:
             frozen[name] = None
-        elif name == "anchor" and engine is engines.reference:
-            frozen[name] = frozen["reference"]  # same weights: one forward, not two
+        elif plan is not None and plan.scored_as(name) in frozen:
+            frozen[name] = frozen[plan.scored_as(name)]  # same weights: one forward, not two
         else:
             with torch.no_grad():
                 frozen[name] = split_pairs(batch_logps(engine, batch, chunk_tokens)[0], n_chosen)

@@ -442,7 +442,7 @@ class Recipe:
         skipped, losses, done = 0, [], 0
         while done < cfg.train.grad_accum:
             batch = self.collate([self.train_set[i] for i in next(self.batches)])
-            inputs = gather_inputs(batch, self.engines, self.train_static, cfg.train.logps_chunk_tokens)
+            inputs = gather_inputs(batch, self.engines, self.train_static, cfg.train.logps_chunk_tokens, self.plan)
             loss, step_metrics = total_loss(self.plugins, inputs, cfg)
             if self.check_each_loss and not nonfinite.loss_is_finite(loss):  # every rank agrees: all skip or stop
                 skipped = self.skip_nonfinite(step, skipped, batch, loss, resume_point)

@@ -220,3 +220,32 @@ def test_chunked_log_probs_shrink_the_logits_lines():
     # One (1024, V) fp32 chunk and its bf16 copy in the backward pass, plus the hidden states it is computed from.
     assert chunked["policy logits"] == 1024 * 128256 * (4 + 2) + tokens * 4096 * 2
     assert chunked["frozen forward (transient)"] < naive["frozen forward (transient)"]
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in Path("configs").glob("llama3-8b-*.yaml")))
+def test_every_8b_config_estimates_any_loss_and_prints_the_batch_path_the_run_takes(capsys, config):
+    code, out, err = run_cli(capsys, "--config", config, "--plugins", "kto", "--gpus", "8", "--model-config", "llama3-8b")
+    assert code == 0, err  # the configs carry no section of one loss plugin
+    line = next(text for text in out.splitlines() if text.startswith("batch path: "))
+    if "sequence parallel" in out:  # under SP unpaired batches are packed and sharded too
+        assert line.startswith("batch path: packed + chunked head"), line
+    else:
+        assert line.startswith("batch path: padded") and "unpaired/KTO batches (kl_pairs) are padded" in line
+    code, out, err = run_cli(capsys, "--config", config, "--plugins", "dpo", "--gpus", "8", "--model-config", "llama3-8b",
+                             "--json")
+    path = json.loads(out)["batch_path"]
+    assert (path["packing"], path["dtype"]) == (True, "bfloat16")
+    assert path["kernel"] == "the kernel the start-up self-check picks"  # not run here: no GPU kernel is tried
+
+
+def test_the_estimate_counts_the_path_the_run_falls_back_to(capsys, tmp_path):
+    conf = dict(estimate.BUILTIN_SHAPES["llama3-8b"], final_logit_softcapping=30.0)  # logits changed after the head
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    args = ("--config", "configs/llama3-8b-zero3.yaml", "--gpus", "8", "--plugins", "dpo", "--json")
+    chunked = json.loads(run_cli(capsys, *args, "--model-config", "llama3-8b")[1])
+    full = json.loads(run_cli(capsys, *args, "--model-config", str(tmp_path / "config.json"))[1])
+    assert chunked["batch_path"]["chunk_tokens"] == 1024 and full["batch_path"]["chunk_tokens"] == 0
+    assert "full logits: config.final_logit_softcapping=30.0" in full["batch_path"]["fallbacks"][0]
+    assert full["steady_total_gib"] > chunked["steady_total_gib"] + 1  # (T, V) logits of 2 x 2 x 2048 tokens
+    cpu = json.loads(run_cli(capsys, *args, "--model-config", "llama3-8b", "--device", "cpu")[1])
+    assert cpu["batch_path"]["kernel"] == "sdpa_segments"  # ranks on the CPU: SDPA per segment, no GPU kernel
