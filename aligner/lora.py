@@ -82,7 +82,7 @@ def wrap(model: torch.nn.Module, section: LoraSection, seed: int, reference_adap
         if section.modules_to_save:
             raise ConfigError("model.lora.modules_to_save cannot be combined with a reference-update plugin: the moved "
                               "reference is a second adapter, and a fully trained module has no low-rank form to move; "
-                              "leave modules_to_save out, or drop tr_soft/tr_hard")
+                              "leave modules_to_save out, or drop the reference-update plugin from --plugins")
         peft_model.add_adapter(REFERENCE_ADAPTER, lora_config(section, section.ref_rank, dropout=0.0))
         peft_model.base_model.set_adapter(POLICY_ADAPTER)  # trainable again: add_adapter leaves it as it was
     generator = torch.Generator().manual_seed(seed)

@@ -16,8 +16,8 @@ aligner run has one per loss, so β is :func:`reward_beta`'s choice.
 ``flips/correct->incorrect`` and the three others): a pair is *correct* under a
 model when log π(y_w|x) > log π(y_l|x); each tag is the share of the
 micro-batch's pairs that were correct/incorrect under the reference and are
-correct/incorrect under the policy now. With a moving reference (tr_soft,
-tr_hard) the comparison is against the current reference.
+correct/incorrect under the policy now. With a moving reference (a reference-update
+plugin) the comparison is against the current reference.
 """
 
 from __future__ import annotations

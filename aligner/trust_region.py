@@ -25,7 +25,7 @@ Under ``model.lora`` the moved reference is the policy engine's frozen
 :mod:`aligner.lora_trust_region`, whose docstring has the update rule on the
 adapters' factors and what it approximates.
 
-These are the engine operations only; the ``tr_soft`` and ``tr_hard`` plugins
+These are the engine operations only; the reference-update plugins
 (``plugins/reference_update.py``, their shared base) decide when to call them.
 """
 
@@ -117,7 +117,7 @@ def _check_offload(engines: Engines) -> None:
     if offload is not None and str(getattr(offload.device, "value", offload.device)) == "nvme":
         raise TrustRegionError(
             "the reference's parameters are offloaded to NVMe, where a shard update cannot reach them; "
-            "use offload_param device 'cpu' (or none) with tr_soft/tr_hard"
+            "use offload_param device 'cpu' (or none) with a reference-update plugin"
         )
 
 
