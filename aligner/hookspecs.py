@@ -155,6 +155,19 @@ class DatasetSummary:
     n_undesirable: int
 
 
+def check_interval(key: str, value: float, interval: str, why: str = "") -> None:
+    """Raise ``ValueError`` unless option ``key``'s ``value`` lies in ``interval``, written as in mathematics:
+    ``"(0, inf)"``, ``"[0, 0.5)"``, ``"(0, 1]"``. NaN lies in none. The one wording of every plugin option's range
+    check: ``dpo.beta must be > 0, got 0``, ``dpo.label_smoothing must be in [0, 0.5), got 0.7``; ``why``, when
+    given, follows the range in parentheses. Call it from an option dataclass's ``__post_init__``."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below):
+        bound = f"{'>' if interval[0] == '(' else '>='} {low:g}" if high == float("inf") else f"in {interval}"
+        raise ValueError(f"{key} must be {bound}{f' ({why})' if why else ''}, got {value}")
+
+
 @dataclass
 class LossConfig:
     """The options every loss plugin has; a loss plugin's config dataclass inherits this one.

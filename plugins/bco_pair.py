@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "bco_pair"
 
@@ -34,8 +34,7 @@ class BCOPairConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
+        check_interval(f"{NAME}.beta", self.beta, "(0, inf)")
 
 
 def bco_pair_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "discopop"
 
@@ -35,8 +35,7 @@ class DiscoPOPConfig(LossConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("beta", "tau"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{NAME}.{key} must be > 0, got {getattr(self, key)}")
+            check_interval(f"{NAME}.{key}", getattr(self, key), "(0, inf)")
 
 
 def discopop_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "exo_pair"
 
@@ -38,10 +38,8 @@ class EXOPairConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
-        if not 0 < self.epsilon < 0.5:
-            raise ValueError(f"{NAME}.epsilon must be in (0, 0.5) (the loss is infinite at 0), got {self.epsilon}")
+        check_interval(f"{NAME}.beta", self.beta, "(0, inf)")
+        check_interval(f"{NAME}.epsilon", self.epsilon, "(0, 0.5)", "the loss is infinite at 0")
 
 
 def exo_pair_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,

@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 from aligner import hub
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "flipguard"
 TARGETS = ("chosen", "margin")
@@ -92,13 +92,10 @@ class FlipGuardConfig:
     anchor_path: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ValueError(f"flipguard.epsilon must be > 0 (the flip test r_pre − r_θ > ε would count numerical "
-                             f"noise as flips), got {self.epsilon}; the default is 0.01")
-        if self.gamma < 0:
-            raise ValueError(f"flipguard.gamma must be >= 0, got {self.gamma}")
-        if not self.beta > 0:
-            raise ValueError(f"flipguard.beta must be > 0, got {self.beta}")
+        check_interval("flipguard.epsilon", self.epsilon, "(0, inf)",
+                       "the flip test r_pre − r_θ > ε would count numerical noise as flips; the default is 0.01")
+        check_interval("flipguard.gamma", self.gamma, "[0, inf)")
+        check_interval("flipguard.beta", self.beta, "(0, inf)")
         if self.target not in TARGETS:
             raise ValueError(f"flipguard.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.constraint not in CONSTRAINTS:

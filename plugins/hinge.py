@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "hinge"
 
@@ -32,8 +32,7 @@ class HingeConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"hinge.beta must be > 0, got {self.beta}")
+        check_interval("hinge.beta", self.beta, "(0, inf)")
 
 
 def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "ipo"
 
@@ -43,8 +43,7 @@ class IPOConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"ipo.beta must be > 0, got {self.beta}")
+        check_interval("ipo.beta", self.beta, "(0, inf)")
 
 
 def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

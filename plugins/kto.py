@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.comm import comm_device
-from aligner.hookspecs import DatasetSummary, LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import DatasetSummary, LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "kto"
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class KTOConfig(LossConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("beta", "desirable_weight", "undesirable_weight"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"kto.{key} must be > 0, got {getattr(self, key)}")
+            check_interval(f"kto.{key}", getattr(self, key), "(0, inf)")
 
 
 def kl_baseline(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig
+from aligner.hookspecs import LossConfig, check_interval
 
 
 @dataclass
@@ -30,10 +30,8 @@ class SortedLossConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{self.section}.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"{self.section}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_interval(f"{self.section}.beta", self.beta, "(0, inf)")
+        check_interval(f"{self.section}.label_smoothing", self.label_smoothing, "[0, 0.5)")
 
 
 def sorted_difference_loss(a: torch.Tensor, b: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:

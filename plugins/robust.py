@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "robust"
 
@@ -39,10 +39,8 @@ class RobustConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"{NAME}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_interval(f"{NAME}.beta", self.beta, "(0, inf)")
+        check_interval(f"{NAME}.label_smoothing", self.label_smoothing, "[0, 0.5)")
 
 
 def robust_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,

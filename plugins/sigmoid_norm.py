@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "sigmoid_norm"
 
@@ -35,8 +35,7 @@ class SigmoidNormConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
+        check_interval(f"{NAME}.beta", self.beta, "(0, inf)")
 
 
 def sigmoid_norm_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, chosen_tokens: torch.Tensor,

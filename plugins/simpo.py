@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "simpo"
 
@@ -46,10 +46,8 @@ class SimPOConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"simpo.beta must be > 0, got {self.beta}")
-        if self.gamma < 0:
-            raise ValueError(f"simpo.gamma must be >= 0, got {self.gamma}")
+        check_interval("simpo.beta", self.beta, "(0, inf)")
+        check_interval("simpo.gamma", self.gamma, "[0, inf)")
 
 
 def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "sppo_hard"
 
@@ -33,8 +33,7 @@ class SPPOHardConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"{NAME}.beta must be > 0, got {self.beta}")
+        check_interval(f"{NAME}.beta", self.beta, "(0, inf)")
 
 
 def sppo_hard_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:

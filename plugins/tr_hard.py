@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from aligner.hookspecs import PluginInfo, hookimpl
+from aligner.hookspecs import PluginInfo, check_interval, hookimpl
 from aligner_plugins.reference_update import ReferenceUpdatePlugin
 
 NAME = "tr_hard"
@@ -46,8 +46,7 @@ class TRHardConfig:
     every: int = 512  #: τ, optimizer steps between updates (the paper's recommendation, second-hand; TRL's default)
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"tr_hard.every must be >= 1 (optimizer steps between updates), got {self.every}")
+        check_interval("tr_hard.every", self.every, "[1, inf)", "optimizer steps between updates")
 
 
 class TRHard(ReferenceUpdatePlugin):

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aligner.hookspecs import PluginInfo, hookimpl
+from aligner.hookspecs import PluginInfo, check_interval, hookimpl
 from aligner_plugins.reference_update import ReferenceUpdatePlugin
 
 NAME = "tr_soft"
@@ -63,10 +63,8 @@ class TRSoftConfig:
     every: int = 512  #: τ, optimizer steps between updates (TRL's default; the paper's τ for the hard update)
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha <= 1:
-            raise ValueError(f"tr_soft.alpha must be in (0, 1] (the policy's weight in the mix), got {self.alpha}")
-        if self.every < 1:
-            raise ValueError(f"tr_soft.every must be >= 1 (optimizer steps between updates), got {self.every}")
+        check_interval("tr_soft.alpha", self.alpha, "(0, 1]", "the policy's weight in the mix")
+        check_interval("tr_soft.every", self.every, "[1, inf)", "optimizer steps between updates")
 
 
 class TRSoft(ReferenceUpdatePlugin):

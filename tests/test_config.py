@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from aligner.config import ConfigError, apply_overrides, build_config, read_yaml
+from aligner.registry import activate
 from aligner.train import configure, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,26 @@ def test_section_of_an_inactive_installed_plugin_gets_a_targeted_error():
 def test_malformed_set_is_refused():
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["train.lr"])
+
+
+def test_an_option_range_is_checked_in_one_wording_and_nan_lies_in_no_range():
+    from aligner.hookspecs import check_interval
+
+    check_interval("x.beta", 0.1, "(0, inf)")
+    check_interval("x.label_smoothing", 0, "[0, 0.5)")
+    check_interval("x.alpha", 1, "(0, 1]")
+    for value, interval, message in [(0, "(0, inf)", "x.k must be > 0, got 0"), (-1, "[0, inf)", "x.k must be >= 0, got -1"),
+                                     (0.5, "[0, 0.5)", r"x.k must be in \[0, 0.5\), got 0.5"),
+                                     (0, "(0, 1]", r"x.k must be in \(0, 1\] \(a share\), got 0"),
+                                     (float("nan"), "(0, inf)", "x.k must be > 0, got nan")]:
+        with pytest.raises(ValueError, match=message):
+            check_interval("x.k", value, interval, "a share" if interval == "(0, 1]" else "")
+
+
+@pytest.mark.parametrize("plugin", ["dpo", "ipo", "hinge", "simpo", "kto", "robust", "exo_pair", "bco_pair", "nca_pair",
+                                    "apo_zero", "apo_down", "sppo_hard", "sigmoid_norm", "discopop", "aot", "flipguard"])
+def test_every_built_in_beta_refuses_nan(plugin):
+    """NaN passed ``beta <= 0`` in each plugin's own copy of the check; the one check refuses it."""
+    plugins = activate([plugin] if plugin != "flipguard" else ["dpo", plugin])
+    with pytest.raises(ConfigError, match=rf"{plugin}.beta must be > 0, got nan"):
+        build_config({plugin: {"beta": float("nan")}}, plugins.config_sections())
