@@ -17,8 +17,10 @@ builds none at all.
 
 The cache lives in ``output_dir/static_logps/<models>.pt``, keyed by split and
 example id, with a digest of each example's tokens and a fingerprint of the
-model (the SHA-256 of its weight and config files, its dtype and attention
-implementation). On start the file is reused when the fingerprint matches; a
+model and of how it is scored (the SHA-256 of its weight and config files, and
+the run's scoring: dtype, attention implementation and kernel, the batch layout:
+packed or padded, prefix-shared, the chunked head's size, the ranks per sequence).
+On start the file is reused when the fingerprint matches; a
 file written for other weights, other tokens, or one that cannot be read stops
 the run with an error saying what to do. ``<models>.json`` beside it records
 how many examples each run computed and reused, and whether the dropped engine
@@ -41,6 +43,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,9 +65,10 @@ def cache_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "static_logps"
 
 
-def fingerprint(model_path: Path, dtype: str, attn_implementation: str) -> str:
-    """SHA-256 of the checkpoint's config and weight files (names and bytes), its dtype and attention kernel."""
-    h = hashlib.sha256(f"dtype={dtype};attn={attn_implementation}".encode())
+def fingerprint(model_path: Path, scoring: dict[str, Any]) -> str:
+    """SHA-256 of the checkpoint's config and weight files (names and bytes) and of ``scoring`` (how the run scores:
+    :func:`aligner.train.scoring`)."""
+    h = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
     files = sorted(p for p in Path(model_path).iterdir()
                    if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
     for path in files:
@@ -87,6 +91,7 @@ class StaticLogps:
 
     name: str
     fingerprint: str
+    scoring: dict[str, Any] = field(default_factory=dict)
     entries: dict[tuple[str, str], tuple[float, float, str]] = field(default_factory=dict)
 
     def lookup(self, split: str, ids: list[str], device: torch.device | str = "cpu") -> SequenceLogps:
@@ -114,7 +119,7 @@ def save(cache: StaticLogps, path: Path) -> None:
     """Write atomically (temporary file, then rename)."""
     keys = sorted(cache.entries)
     payload = {
-        "format": FORMAT, "fingerprint": cache.fingerprint,
+        "format": FORMAT, "fingerprint": cache.fingerprint, "scoring": json.dumps(cache.scoring, sort_keys=True),
         "splits": [k[0] for k in keys], "ids": [k[1] for k in keys],
         "digests": [cache.entries[k][2] for k in keys],
         "logps": torch.tensor([cache.entries[k][:2] for k in keys], dtype=torch.float32).reshape(-1, 2),  # (N, 2)
@@ -125,7 +130,7 @@ def save(cache: StaticLogps, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, name: str, expected_fingerprint: str, model_path: Path) -> StaticLogps:
+def load(path: Path, name: str, expected_fingerprint: str, model_path: Path, scoring: dict[str, Any]) -> StaticLogps:
     """Read a cache file, refusing one that is unreadable or was computed for other weights."""
     fix = f"delete {path} to recompute it (or set train.cache_static_logps=false)"
     try:
@@ -138,15 +143,18 @@ def load(path: Path, name: str, expected_fingerprint: str, model_path: Path) -> 
     if not ok:
         raise StaticCacheError(f"static log-prob cache {path} is corrupt (its fields do not match format {FORMAT}); {fix}")
     if payload["fingerprint"] != expected_fingerprint:
+        written = json.loads(payload.get("scoring") or "{}")
+        changed = [f"{k} {written.get(k)!r} -> {v!r}" for k, v in sorted(scoring.items()) if written.get(k) != v]
+        what = (f"scored otherwise ({', '.join(changed)})" if written and changed
+                else "computed for other weights" if written else "computed for other weights or another scoring")
         raise StaticCacheError(
-            f"static log-prob cache {path} is stale: it was computed for other weights, dtype or attention "
-            f"implementation (fingerprint {payload['fingerprint'][:12]}…) than this run's {name} at {model_path} "
-            f"({expected_fingerprint[:12]}…); "
-            f"point the {name} back at the checkpoint it was computed for, or {fix}"
+            f"static log-prob cache {path} is stale: it was {what} than this run's {name} at {model_path} "
+            f"(fingerprint {payload['fingerprint'][:12]}… against {expected_fingerprint[:12]}…); "
+            f"point the {name} back at the checkpoint and settings it was computed for, or {fix}"
         )
     values = payload["logps"].tolist()
     entries = {(s, i): (v[0], v[1], d) for s, i, d, v in zip(payload["splits"], payload["ids"], payload["digests"], values)}
-    return StaticLogps(name=name, fingerprint=expected_fingerprint, entries=entries)
+    return StaticLogps(name=name, fingerprint=expected_fingerprint, scoring=scoring, entries=entries)
 
 
 def _broadcast(obj):
@@ -242,14 +250,16 @@ def _append_history(path: Path, names: list[str], model_path: Path, cache: Stati
     history_path.write_text(json.dumps(history, indent=2))
 
 
-def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path, dtype: str,
-            attn_implementation: str, batch_size: int, pad_token_id: int,
+def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_dir: str | Path,
+            scoring: dict[str, Any], batch_size: int, pad_token_id: int,
             build_engine: Callable[[Path], object], train_batch_size: int | None = None,
             chunk_tokens: int = 0, collate: Callable | None = None) -> dict[str, StaticLogps]:
     """Make the cache of each static model complete for ``splits``; return it by model name.
 
     :param models: static model name (``reference``, ``anchor``) -> checkpoint folder. Models with the
         same folder share one cache, one file and one pre-pass.
+    :param scoring: how the run scores (dtype, attention, batch layout: :func:`aligner.train.scoring`); part of
+        the fingerprint, so a cache scored otherwise is not reused.
     :param splits: split name -> its examples (the eval split's batches match :func:`aligner.eval.evaluate`'s,
         so a model equal to the policy gives bitwise the policy's eval log-probs).
     :param build_engine: builds the model's (ZeRO-3 partitioned) inference engine; called only when some
@@ -272,8 +282,8 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
         path = cache_dir(output_dir) / f"{stem}.pt"
 
         def read() -> StaticLogps:
-            fp = fingerprint(model_path, dtype, attn_implementation)
-            cache = load(path, stem, fp, model_path) if path.exists() else StaticLogps(stem, fp)
+            fp = fingerprint(model_path, scoring)
+            cache = load(path, stem, fp, model_path, scoring) if path.exists() else StaticLogps(stem, fp, scoring)
             _check_digests(cache, splits, path)
             return cache
 

@@ -14,11 +14,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from aligner import (attention, batch_path, card, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
+from aligner import (batch_path, card, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
                      sequence_parallel, static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
@@ -229,10 +230,20 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=N
     return Engines(**built)
 
 
+def scoring(path: batch_path.BatchPath, layout: sequence_parallel.Layout) -> dict[str, Any]:
+    """How a run scores a batch, all that a log-prob depends on beside the weights and the tokens: the batch path
+    without its reasons (dtype, attention and kernel, packed/padded, prefix sharing, the chunked head) and the
+    ranks per sequence. The static cache's fingerprint (aligner/static_logps.py)."""
+    decided = path.to_dict()
+    return {k: v for k, v in decided.items() if k not in ("fallbacks", "kernel_fallbacks")} | {
+        "sequence_parallel": layout.size}
+
+
 def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], splits: dict,
-                        pad_id: int, layout: sequence_parallel.Layout | None = None) -> dict[str, static_logps.StaticLogps]:
-    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one); under
-    sequence parallelism (``layout``) the pre-pass shards its rows like the steps."""
+                        pad_id: int, path: batch_path.BatchPath,
+                        layout: sequence_parallel.Layout | None = None) -> dict[str, static_logps.StaticLogps]:
+    """The log-prob caches of the plan's ``cached`` models (models with the same checkpoint share one), scored on
+    the run's batch ``path``; under sequence parallelism (``layout``) the pre-pass shards its rows like the steps."""
     cached = {spec.name: paths[spec.name] for spec in plan.with_state("cached", own=False)}
     if not cached:
         return {}
@@ -240,9 +251,7 @@ def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path],
     t = cfg.train
     layout = layout or sequence_parallel.Layout()
     return static_logps.prepare(
-        cached, splits, cfg.output_dir, cfg.model.dtype,
-        attention.attn_implementation(cfg.model.attn_implementation, t.packing),
-        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf,
+        cached, splits, cfg.output_dir, scoring(path, layout), cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf,
                                                                                           mpu=layout.mpu),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
         collate=sequence_parallel.shard_collate(make_collate(t.packing, pad_id, False, cfg.data.max_length,
@@ -372,7 +381,7 @@ class Recipe:
         """The static caches first (their pre-pass runs before the policy exists), then the engines."""
         static = cache_static_models(self.cfg, self.plan, self.paths,
                                      {"train": self.static_train_examples(), "eval": self.eval_set}, self.pad_id,
-                                     self.layout)
+                                     self.path, self.layout)
         self.engines = build_engines(self.cfg, self.plan, self.paths, self.layout.mpu)
         self.policy = self.engines.policy
         self.train_static = {name: cache.split("train") for name, cache in static.items()}

@@ -30,8 +30,13 @@ class CountingBuilder:
         return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def prepare(model_dir, splits, out, build):
-    return static_logps.prepare({"reference": model_dir, "anchor": model_dir}, splits, out, "float32", "sdpa",
+#: A padded float32 run's scoring (aligner.train.scoring); the tests change one key of it.
+SCORING = {"packing": False, "prefix_sharing": False, "chunk_tokens": 0, "attn_implementation": "sdpa",
+           "kernel": "sdpa", "dtype": "float32", "sequence_parallel": 1}
+
+
+def prepare(model_dir, splits, out, build, scoring=None):
+    return static_logps.prepare({"reference": model_dir, "anchor": model_dir}, splits, out, scoring or SCORING,
                                 batch_size=6, pad_token_id=0, build_engine=build)
 
 
@@ -78,8 +83,13 @@ def test_stale_and_corrupt_caches_are_refused(model_dir, tiny_tokenizer, tmp_pat
     with pytest.raises(StaticCacheError, match="is stale: train example .* was cached with other tokens"):
         prepare(model_dir, {"train": edited}, out, CountingBuilder())
 
+    packed = SCORING | {"packing": True, "chunk_tokens": 1024}  # the same weights in another batch layout
+    with pytest.raises(StaticCacheError, match=r"is stale: it was scored otherwise \(chunk_tokens 0 -> 1024, "
+                                               r"packing False -> True\)"):
+        prepare(model_dir, splits, out, CountingBuilder(), packed)
+
     embedded.build_model(len(tiny_tokenizer), seed=4).save_pretrained(model_dir)  # other weights, same folder
-    with pytest.raises(StaticCacheError, match="is stale: it was computed for other weights, dtype or attention implementation") as info:
+    with pytest.raises(StaticCacheError, match="is stale: it was computed for other weights than") as info:
         prepare(model_dir, splits, out, CountingBuilder())
     assert str(cache_file) in str(info.value) and "delete" in str(info.value)
 
