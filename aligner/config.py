@@ -371,7 +371,9 @@ def build_config(
         elif key in plugin_sections:
             sections[key] = _build_section(plugin_sections[key], value, key, origin)
         elif key in inactive_sections:
-            raise ConfigError(f"{source}: section '{key}' configures {inactive_sections[key]}, or remove the section")
+            where = origin(key)
+            fix = "or drop that --set" if where.startswith("--set") else "or remove the section"
+            raise ConfigError(f"{where}: section '{key}' configures {inactive_sections[key]}, {fix}")
         else:
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
             raise ConfigError(f"{origin(key)}: unknown key '{key}'; the top-level keys are {', '.join(known)}")
@@ -387,7 +389,12 @@ class _Origin:
         self.source, self.overridden = source, overridden
 
     def __call__(self, key: str) -> str:
-        return f"--set {self.overridden[key]}" if key in self.overridden else self.source
+        """The origin of ``key``; of a section, the first ``--set`` item under it (``--set kto.beta=1`` made the
+        ``kto`` section when the config file has none)."""
+        if key in self.overridden:
+            return f"--set {self.overridden[key]}"
+        under = [item for name, item in self.overridden.items() if name.startswith(f"{key}.")]
+        return f"--set {under[0]}" if under else self.source
 
     def of_message(self, message: str, prefix: str, names: set[str]) -> str:
         """The origin of the first key of section ``prefix`` that a validation message names, as ``prefix.key`` or

@@ -93,3 +93,18 @@ def test_every_built_in_beta_refuses_nan(plugin):
     plugins = activate([plugin] if plugin != "flipguard" else ["dpo", plugin])
     with pytest.raises(ConfigError, match=rf"{plugin}.beta must be > 0, got nan"):
         build_config({plugin: {"beta": float("nan")}}, plugins.config_sections())
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nosection.x=1", "--set nosection.x=1: unknown key 'nosection'; the top-level keys are"),
+    ("kto.beta=1", "--set kto.beta=1: section 'kto' configures plugin 'kto', which is not active; add it to --plugins, "
+                   "or drop that --set"),
+    ("train.lrr=1", "--set train.lrr=1: unknown key 'train.lrr'; the keys of 'train' are"),
+])
+def test_a_wrong_key_given_by_set_is_reported_against_that_set_item_not_the_config_file(tmp_path, item, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("plugins: [dpo]\n")
+    with pytest.raises(ConfigError) as info:
+        configure(parse_args(["--config", str(config), "--set", item]))
+    assert str(info.value).startswith(message), str(info.value)
+    assert "c.yaml" not in str(info.value)
