@@ -4,7 +4,9 @@
 - an attribute documented by ``#:`` comments on the lines above it (or at the end of its line) gets them as its
   docstring (griffe reads only a string placed after an attribute);
 - the reST roles of every docstring (``:func:`aligner_loss```, ``:class:`StepInputs```, ``:data:`hookimpl```,
-  ``:attr:`StepInputs.kl_policy```, ``:meth:`...```) become code spans (markdown has no roles).
+  ``:attr:`StepInputs.kl_policy```, ``:meth:`...```) become code spans (markdown has no roles);
+- the ``:param ...:`` fields of a docstring move after its prose: the hooks write their fields first and the prose
+  after them, and griffe's Sphinx parser would read that prose as part of the last parameter's description.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:func|class|data|meth|attr|mod|obj|exc):`~?([^`]+)`")
+FIELD = re.compile(r"^:(?:param|type|returns?|rtype|raises?|var|ivar|cvar)\b")
+
+
+def fields_last(text: str) -> str:
+    """``text`` with its Sphinx field lines (and their indented continuations) moved after the rest."""
+    body, fields, in_field = [], [], False
+    for line in text.split("\n"):
+        if FIELD.match(line):
+            in_field = True
+            fields.append(line)
+        elif in_field and line.strip() and line[:1].isspace():
+            fields.append(line)
+        else:
+            in_field = False
+            body.append(line)
+    return "\n".join(body).rstrip() + "\n\n" + "\n".join(fields) if fields else text
 
 
 class SphinxSources(griffe.Extension):
@@ -35,4 +53,4 @@ class SphinxSources(griffe.Extension):
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = ROLE.sub(r"`\1`", obj.docstring.value)
+            obj.docstring.value = fields_last(ROLE.sub(r"`\1`", obj.docstring.value))
