@@ -33,15 +33,17 @@ ALL_LINEAR = "all-linear"
 class LoraSection:
     """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/lora.py)."""
 
-    r: int = 8  #: the adapters' rank
-    alpha: float = 16.0  #: LoRA's α: the update is (α/r)·B·A
+    r: int = 8  #: the adapters' rank (>= 1)
+    alpha: float = 16.0  #: LoRA's α (> 0): the update is (α/r)·B·A
     dropout: float = 0.0  #: dropout on the adapters' input, in [0, 1)
-    #: ``all-linear`` (every linear layer of the decoder, as peft's "all-linear"), or a list of module names
-    #: (suffixes such as ``q_proj``, as peft's ``target_modules``).
+    #: ``all-linear`` (every linear layer of the decoder, not the LM head, as peft's "all-linear"), or a list of
+    #: module names (suffixes such as ``q_proj``, as peft's ``target_modules``: ``[q_proj, v_proj]``).
     target_modules: str | list[str] = ALL_LINEAR
-    #: Modules trained in full beside the adapters and saved with them (peft's ``modules_to_save``, e.g. ``lm_head``).
+    #: Modules trained in full beside the adapters and saved with them (peft's ``modules_to_save``, e.g.
+    #: ``[lm_head]``); not with a reference-update plugin (tr_soft/tr_hard).
     modules_to_save: list[str] | None = None
-    #: The rank of the reference adapter that a reference-update plugin moves; ``null`` = 2·r (aligner/lora.py).
+    #: The rank (>= r) of the reference adapter that a reference-update plugin (tr_soft/tr_hard) moves; ``null`` =
+    #: 2·r (aligner/lora.py).
     reference_rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -80,16 +82,20 @@ class ModelConfig:
     #: A Jinja chat template (the template text, or the path of a file holding it) that replaces the tokenizer's.
     chat_template: str | None = None
     #: ``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32`` or ``bfloat16`` (training
-    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/batch_path.py).
+    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/batch_path.py). The resolved dtype is in the
+    #: ``batch path:`` log line and ``plan.json``.
     dtype: str = "auto"
-    #: ``auto`` (packed runs: aligner's varlen attention, on flash-attn, torch's varlen_attn or SDPA per segment,
-    #: whichever passes the start-up self-check first; padded runs: sdpa), ``sdpa``, ``eager``,
-    #: ``flash_attention_2``, ``varlen`` (aligner/attention.py).
+    #: ``auto`` (packed runs: ``varlen``, aligner's attention, on the kernel the start-up self-check picks:
+    #: flash-attn, then PyTorch's ``varlen_attn``, then SDPA per segment on GPU; SDPA per segment on CPU; padded
+    #: runs: sdpa; soft-capped attention (Gemma-2): eager, padded), ``sdpa``, ``eager``, ``flash_attention_2``
+    #: (bf16 only), ``varlen`` (aligner/attention.py).
     attn_implementation: str = "auto"
+    #: Recompute the policy's decoder layers in the backward pass (less activation memory, ~1/3 more compute).
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
     trust_remote_code: bool = False
     #: LoRA adapters instead of full fine-tuning (a mapping of :class:`LoraSection` keys); ``null`` = full weights.
+    #: ``--set model.lora.r=16`` turns it on.
     lora: LoraSection | None = None
 
     def __post_init__(self) -> None:
@@ -104,8 +110,9 @@ TEMPLATE_ARGUMENTS = ("conversation", "tools", "tokenize", "add_generation_promp
 
 @dataclass
 class DataConfig:
-    #: A Hub dataset ID, a jsonl/json/parquet/csv/arrow file, a dataset folder (``save_to_disk`` or a repository
-    #: folder), ``embedded:train``, or a mixture: a list of ``{path, split, subset, samples, columns}`` entries.
+    #: A Hub dataset ID, a jsonl/json/parquet/csv/arrow file, a dataset folder (``save_to_disk``, or a repository
+    #: folder with split-named files), ``embedded:train``, or a mixture: a list of ``{path, split, subset, samples,
+    #: columns}`` entries (``samples``: a row count or a fraction).
     train: str | list[Any] = "embedded:train"
     #: Same forms as ``train``; ``null`` for no evaluation.
     eval: str | list[Any] | None = "embedded:eval"
@@ -113,12 +120,16 @@ class DataConfig:
     #: Refused for a dataset without splits (a single file), where it would be ignored.
     train_split: str | None = None
     #: The split of ``eval`` to read, for datasets with splits (e.g. ``test_prefs``); ``null``: ``test``.
+    #: Refused for a dataset without splits (a single file, the embedded task), where it would be ignored.
     eval_split: str | None = None
-    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several; refused for a single file.
+    #: The dataset's configuration (``load_dataset``'s ``name``), for datasets with several; refused for a single file
+    #: (name it in that dataset's mixture entry instead).
     subset: str | None = None
-    #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``.
+    #: The dataset's column names for aligner's: ``{prompt: question, chosen: response_j, rejected: response_k}``
+    #: (also ``completion``, ``label``, ``id``).
     columns: dict[str, str] | None = None
-    #: A share of the train rows held out as the eval split (deterministic, seeded by ``train.seed``); 0 = none.
+    #: A share of the train rows held out as the eval split (a permutation seeded by ``train.seed``); 0 = none.
+    #: Needs ``data.eval: null``.
     eval_fraction: float = 0.0
     #: Processes that tokenize; ``null`` = one per core (up to 8) for 10k rows or more, else one.
     num_proc: int | None = None
@@ -126,12 +137,14 @@ class DataConfig:
     max_length: int = 1024
     #: Prompts are left-truncated to this many tokens first; ``null`` = no separate prompt limit.
     max_prompt_length: int | None = None
-    #: ``error`` stops at the first bad row; ``skip`` drops bad rows and reports how many and why.
+    #: ``error`` stops at the first bad row (naming row and column); ``skip`` drops bad rows and reports how many
+    #: and why.
     on_bad_row: str = "error"
     #: ``false`` takes the rows in file order (as TRL's ``train_sampling_strategy="sequential"``), e.g. for benchmarks.
     shuffle: bool = True
     #: Extra keyword arguments for the chat template of conversational rows (e.g. ``{enable_thinking: false}``),
-    #: under a row's own ``chat_template_kwargs`` column (TRL's); a row's ``tools`` column is passed as ``tools``.
+    #: under a row's own ``chat_template_kwargs`` column (TRL's, which wins); a row's ``tools`` column is passed as
+    #: ``tools``. Not the arguments aligner sets itself (``tools``, ``add_generation_prompt``, ...).
     chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -161,43 +174,54 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  #: optimizer steps
-    micro_batch_size: int = 8  #: preference pairs per rank per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-6  #: TRL's DPO default
-    lr_schedule: str = "linear"  #: ``linear`` decay to 0, ``cosine``, or ``constant`` (after warm-up)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    micro_batch_size: int = 8  #: preference pairs (unpaired data: completions) per rank per micro-step
+    grad_accum: int = 1  #: micro-steps per optimizer step
+    lr: float = 1e-6  #: peak learning rate (AdamW); TRL's DPO default
+    lr_schedule: str = "linear"  #: ``linear`` decay to 0, ``cosine``, or ``constant``, after ``train.warmup_steps``
+    warmup_steps: int = 0  #: optimizer steps of linear warm-up before ``train.lr_schedule``
+    weight_decay: float = 0.0  #: AdamW's weight decay
     max_grad_norm: float = 1.0  #: 0 disables clipping
     save_every: int = 0  #: save a checkpoint every N steps (0: only at the end)
-    #: Also save once this many minutes of wall-clock (rank 0's clock) passed since the last save (0: off).
+    #: Also save once this many minutes of wall-clock (rank 0's clock, agreed by every rank at the end of a step)
+    #: passed since the last save (0: off).
     save_every_minutes: float = 0.0
-    log_every: int = 1
+    log_every: int = 1  #: log (to every logger of ``report_to``) every N steps
+    #: The random seed: the sampler's order, ``data.eval_fraction``'s hold-out, the LoRA adapters' A, torch's RNG.
     seed: int = 42
-    zero_stage: int = 3
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero_stage: int = 3  #: DeepSpeed ZeRO stage of the policy (0-3)
+    offload_optimizer: bool = False  #: ZeRO-Offload of the optimizer to the CPU (DeepSpeedCPUAdam where its op builds)
+    offload_params: bool = False  #: ZeRO-Offload of the parameters to the CPU
     #: A DeepSpeed JSON file whose keys override the generated DeepSpeed config.
     deepspeed_config: str | None = None
     #: Compute the log-probs of models that never change (the anchor; the reference while no plugin moves it)
-    #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/static_logps.py).
+    #: once, in a pre-pass over the eval split and the train examples the run's steps will draw (a short run scores
+    #: only its own steps' pairs; a resumed or longer one adds what it lacks), cache them under
+    #: ``output_dir/static_logps`` (reused on resume when the weights' fingerprint matches) and drop their engines
+    #: (aligner/static_logps.py): a plain DPO run then runs no reference forward during its steps. Not for unpaired
+    #: data, and the reference stays live when the loss needs it on mismatched pairs (``kto``).
     cache_static_logps: bool = True
     #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
-    #: On by default; a run that cannot pack (unpaired/KTO data, a GPU without a varlen kernel) falls back to padded
-    #: batches and says why in its ``batch path:`` log line (aligner/batch_path.py).
+    #: Positions restart per sequence (attention per sequence: SDPA on each sequence's slice on CPU, varlen kernels
+    #: on GPU). Unpaired and ``kto`` batches stay padded, except under ``train.sequence_parallel`` > 1, which packs
+    #: them too; a run that cannot pack falls back to padded batches and says why in its ``batch path:`` log line
+    #: (aligner/batch_path.py).
     packing: bool = True
     #: With packing, lay each pair out as [prompt, chosen, rejected] and compute the shared prompt once (exact;
-    #: aligner/data/packing.py). Falls back to unshared packing where unsupported (``batch path:`` log line).
+    #: aligner/data/packing.py). Needs ``model.attn_implementation`` ``auto`` or ``varlen``, else the run packs
+    #: unshared and says so (``batch path:`` log line).
     prefix_sharing: bool = True
     #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
     #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
-    #: A model that transforms its logits after the head is scored with full logits (aligner/batch_path.py).
+    #: A model that transforms its logits after the head (softcapping, ``logit_scale``, a head that is not a plain
+    #: ``Linear``) is scored with full logits and the run says so (aligner/batch_path.py).
     logps_chunk_tokens: int = 1024
     #: Deal each micro-step's pairs to the ranks by length (longest first, snake-wise), so ranks carry equal
-    #: tokens; the pairs of every step stay the same (aligner/data/sampler.py). ``perf/rank_imbalance`` shows it.
+    #: tokens; the pairs of every step, the determinism and the exact resume are unchanged (aligner/data/sampler.py).
+    #: ``perf/rank_imbalance`` shows it.
     balance_ranks: bool = True
     #: Keep only the newest N checkpoints (0: keep all); older ones go only after the new one is published.
     keep_last: int = 0
-    #: A NaN/inf loss or gradient: ``stop`` (save the last good step, name the step and examples) or ``skip``
+    #: A NaN/inf loss or gradient: ``stop`` (save the last good step, name the step and examples, exit 3) or ``skip``
     #: (drop micro-batches whose loss is non-finite and draw the next ones).
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
@@ -206,7 +230,8 @@ class TrainConfig:
     #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
     lock_wait_s: float = 600.0
     #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
-    #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
+    #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off. N must
+    #: divide the number of ranks and the model's head counts.
     sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -269,9 +294,11 @@ class ExportConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/tiny"
-    plugins: list[str] = field(default_factory=lambda: [DEFAULT_LOSS])
-    #: The loggers (TRL's ``report_to``): a list of logger plugins, or ``none``; the config's plugins are the rest.
+    output_dir: str = "runs/tiny"  #: where TensorBoard, checkpoints and the export go
+    plugins: list[str] = field(default_factory=lambda: [DEFAULT_LOSS])  #: plugin names; ``--plugins a,b`` overrides
+    #: The loggers (TRL's ``report_to``): any of ``tensorboard``, ``wandb``, ``mlflow``, ``trackio`` and installed
+    #: third-party logger plugins, as a list (``--set report_to=[tensorboard,wandb]``), or ``none``; the config's
+    #: plugins are the rest.
     report_to: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

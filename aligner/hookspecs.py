@@ -465,7 +465,7 @@ def aligner_log(step: int, metrics: dict[str, float]) -> None:
 
     :param step: the optimizer step (0 for the evaluation before training).
     :param metrics: tag -> value, exactly what TensorBoard gets at this step: every ``train.log_every``
-        step's training scalars (averaged over micro-batches and ranks, see README "Reading TensorBoard"),
+        step's training scalars (averaged over micro-batches and ranks, see docs/tensorboard.md),
         and each evaluation's ``eval/...`` scalars in a call of their own. A value may be NaN ("no value
         here"). On ``--resume`` the steps after the checkpoint are logged again with the resumed run's values.
     """
