@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, hookimpl
+from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "nll_reg"
 
@@ -31,8 +31,7 @@ class NLLRegConfig:
     alpha: float = 1.0  #: α, the weight of the chosen response's per-token NLL
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise ValueError(f"nll_reg.alpha must be >= 0, got {self.alpha}")
+        check_interval(f"{NAME}.alpha", self.alpha, "[0, inf)")
 
 
 @hookimpl
