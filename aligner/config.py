@@ -40,9 +40,9 @@ class LoraSection:
     #: module names (suffixes such as ``q_proj``, as peft's ``target_modules``: ``[q_proj, v_proj]``).
     target_modules: str | list[str] = ALL_LINEAR
     #: Modules trained in full beside the adapters and saved with them (peft's ``modules_to_save``, e.g.
-    #: ``[lm_head]``); not with a reference-update plugin (tr_soft/tr_hard).
+    #: ``[lm_head]``); not with a reference-update plugin.
     modules_to_save: list[str] | None = None
-    #: The rank (>= r) of the reference adapter that a reference-update plugin (tr_soft/tr_hard) moves; ``null`` =
+    #: The rank (>= r) of the reference adapter that a reference-update plugin moves; ``null`` =
     #: 2·r (aligner/lora.py).
     reference_rank: int | None = None
 
@@ -198,11 +198,11 @@ class TrainConfig:
     #: only its own steps' pairs; a resumed or longer one adds what it lacks), cache them under
     #: ``output_dir/static_logps`` (reused on resume when the weights' fingerprint matches) and drop their engines
     #: (aligner/static_logps.py): a plain DPO run then runs no reference forward during its steps. Not for unpaired
-    #: data, and the reference stays live when the loss needs it on mismatched pairs (``kto``).
+    #: data, and the reference stays live when the loss needs it on mismatched pairs (a KTO-style loss, ``kl_pairs``).
     cache_static_logps: bool = True
     #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
     #: Positions restart per sequence (attention per sequence: SDPA on each sequence's slice on CPU, varlen kernels
-    #: on GPU). Unpaired and ``kto`` batches stay padded, except under ``train.sequence_parallel`` > 1, which packs
+    #: on GPU). Unpaired (KTO-style) batches stay padded, except under ``train.sequence_parallel`` > 1, which packs
     #: them too; a run that cannot pack falls back to padded batches and says why in its ``batch path:`` log line
     #: (aligner/batch_path.py).
     packing: bool = True
