@@ -31,7 +31,7 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class LoraSection:
-    """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/lora.py)."""
+    """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/models/lora.py)."""
 
     r: int = 8  #: the adapters' rank
     alpha: float = 16.0  #: LoRA's α: the update is (α/r)·B·A
@@ -41,7 +41,7 @@ class LoraSection:
     target_modules: str | list[str] = ALL_LINEAR
     #: Modules trained in full beside the adapters and saved with them (peft's ``modules_to_save``, e.g. ``lm_head``).
     modules_to_save: list[str] | None = None
-    #: The rank of the reference adapter that a reference-update plugin moves; ``null`` = 2·r (aligner/lora.py).
+    #: The rank of the reference adapter that a reference-update plugin moves; ``null`` = 2·r (aligner/models/lora.py).
     reference_rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -80,11 +80,11 @@ class ModelConfig:
     #: A Jinja chat template (the template text, or the path of a file holding it) that replaces the tokenizer's.
     chat_template: str | None = None
     #: ``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32`` or ``bfloat16`` (training
-    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/batch_path.py).
+    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/scoring/batch_path.py).
     dtype: str = "auto"
     #: ``auto`` (packed runs: aligner's varlen attention, on flash-attn, torch's varlen_attn or SDPA per segment,
     #: whichever passes the start-up self-check first; padded runs: sdpa), ``sdpa``, ``eager``,
-    #: ``flash_attention_2``, ``varlen`` (aligner/attention.py).
+    #: ``flash_attention_2``, ``varlen`` (aligner/scoring/attention.py).
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.
@@ -179,18 +179,18 @@ class TrainConfig:
     #: A DeepSpeed JSON file whose keys override the generated DeepSpeed config.
     deepspeed_config: str | None = None
     #: Compute the log-probs of models that never change (the anchor; the reference while no plugin moves it)
-    #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/static_logps.py).
+    #: once, cache them under ``output_dir/static_logps`` and drop their engines (aligner/scoring/static_logps.py).
     cache_static_logps: bool = True
     #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
     #: On by default; a run that cannot pack (unpaired/KTO data, a GPU without a varlen kernel) falls back to padded
-    #: batches and says why in its ``batch path:`` log line (aligner/batch_path.py).
+    #: batches and says why in its ``batch path:`` log line (aligner/scoring/batch_path.py).
     packing: bool = True
     #: With packing, lay each pair out as [prompt, chosen, rejected] and compute the shared prompt once (exact;
     #: aligner/data/packing.py). Falls back to unshared packing where unsupported (``batch path:`` log line).
     prefix_sharing: bool = True
     #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
-    #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
-    #: A model that transforms its logits after the head is scored with full logits (aligner/batch_path.py).
+    #: (tokens x vocab) fp32 logits are never held at once (aligner/scoring/logps.py); 0 = full logits (the naive path).
+    #: A model that transforms its logits after the head is scored with full logits (aligner/scoring/batch_path.py).
     logps_chunk_tokens: int = 1024
     #: Deal each micro-step's pairs to the ranks by length (longest first, snake-wise), so ranks carry equal
     #: tokens; the pairs of every step stay the same (aligner/data/sampler.py). ``perf/rank_imbalance`` shows it.
@@ -202,10 +202,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
-    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
+    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/training/joblock.py)
     #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
     lock_wait_s: float = 600.0
-    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
+    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/scoring/sequence_parallel.py):
     #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off.
     sequence_parallel: int = 1
 
@@ -228,7 +228,7 @@ class EvalConfig:
     every: int = 0  #: evaluate every N optimizer steps (0: only before training and at the end)
     batch_size: int = 16  #: preference pairs per rank per eval micro-batch
     #: A reward model (folder or Hub ID, ``AutoModelForSequenceClassification``) that judges the policy's greedy
-    #: generations on ``data.eval``'s prompts against the policy's before training (aligner/reward_eval.py).
+    #: generations on ``data.eval``'s prompts against the policy's before training (aligner/evaluation/reward_eval.py).
     reward_model: str | None = None
     reward_epsilon: float = 0.0  #: a negative flip when R(x, y_pre) − R(x, y_θ) > this
     reward_max_new_tokens: int = 64  #: generation length for the reward-model judge

@@ -186,7 +186,7 @@ class LossOutput:
         and ``rewards/accuracies`` (share of pairs with chosen > rejected).
 
         When the run has a reference model the core logs ``rewards/*`` itself, from the DPO-form implicit
-        reward (:mod:`aligner.rewards`), and a loss's own ``rewards/*`` tags are dropped: a loss with a
+        reward (:mod:`aligner.training.rewards`), and a loss's own ``rewards/*`` tags are dropped: a loss with a
         reference returns ``LossOutput(losses.mean())`` and logs any other reward under its own prefix."""
         chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
         return cls(loss=losses.mean(), metrics={
@@ -247,7 +247,7 @@ class Engines:
     or the same object when no reference-update plugin is active. A model whose
     log-probs come from the static cache (``train.cache_static_logps``: the anchor,
     and the reference while nothing moves it) has no engine during the steps. Under ``model.lora`` a reference or
-    anchor that is the initial policy is an :class:`aligner.lora.PolicyView`: the policy engine run with its
+    anchor that is the initial policy is an :class:`aligner.models.lora.PolicyView`: the policy engine run with its
     adapters off (or with the moved reference adapter), callable like an engine, with the same ``module``."""
 
     policy: Any
@@ -340,10 +340,10 @@ def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
     it by ``<section>.weight``, see :class:`LossConfig`, and logs it as
     ``<plugin name>/loss``) and its metrics, under the plugin's own prefix. The
     core logs ``rewards/*`` once for all losses (DPO-form implicit reward, see
-    :mod:`aligner.rewards`) whenever a reference model is present.
+    :mod:`aligner.training.rewards`) whenever a reference model is present.
 
     The core calls each active loss plugin's implementation on its own, in
-    ``--plugins`` order (``aligner/step.py``), and adds the constraints' terms.
+    ``--plugins`` order (``aligner/training/step.py``), and adds the constraints' terms.
     """
 
 

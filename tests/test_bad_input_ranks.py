@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner import train
+from aligner.recipes import train
 from conftest import ROOT, launch
 
 FAST = ["train.max_steps=2", "eval.every=0", "data.eval=null", "train.cache_static_logps=false"]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from aligner.config import ConfigError, apply_overrides, build_config, read_yaml
-from aligner.train import configure, parse_args
+from aligner.recipes.train import configure, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aligner import estimate
-from aligner.train import configure
+from aligner.recipes.train import configure
+from aligner.tools import estimate
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

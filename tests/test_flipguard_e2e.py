@@ -102,7 +102,7 @@ def independent_regression(model_dir, anchor_dir, data_file):
 
 @pytest.mark.slow
 def test_eval_cli_matches_an_independent_computation(runs, tmp_path):
-    from aligner import embedded
+    from aligner.data import embedded
     from aligner.data.synthetic import make_rows
 
     data = tmp_path / "eval.jsonl"

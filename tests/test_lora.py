@@ -1,5 +1,5 @@
 """model.lora in-process: config validation, target modules, the adapters-off views, the plan, the estimate,
-and the tr_soft rule on adapters (aligner/lora_trust_region.py)."""
+and the tr_soft rule on adapters (aligner/reference/lora_trust_region.py)."""
 
 import subprocess
 import sys
@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
-from aligner import embedded, lora
 from aligner.config import ConfigError, LoraSection
-from aligner.estimate import ModelShape
-from aligner.lora_trust_region import compress, mixed_factors
-from aligner.plan import make_plan
-from aligner.train import configure, parse_args
+from aligner.data import embedded
+from aligner.models import lora
+from aligner.models.plan import make_plan
+from aligner.recipes.train import configure, parse_args
+from aligner.reference.lora_trust_region import compress, mixed_factors
+from aligner.tools.estimate import ModelShape
 from conftest import ROOT
 
 

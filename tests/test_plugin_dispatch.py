@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from aligner.hookspecs import REQUIRED_HOOKS, ROLES
-from aligner.plan import make_plan
+from aligner.models.plan import make_plan
+from aligner.recipes.train import configure, parse_args
 from aligner.registry import PluginError, PluginHookError, activate
-from aligner.train import configure, parse_args
 from conftest import ROOT
 
 BROKEN_MODULES = {

@@ -6,10 +6,11 @@ import shutil
 import pytest
 import torch
 
-from aligner import embedded, static_logps
+from aligner.data import embedded
 from aligner.data import collate_pairs, load_rows, tokenize_dataset
-from aligner.logps import batch_logps
-from aligner.static_logps import StaticCacheError
+from aligner.scoring import static_logps
+from aligner.scoring.logps import batch_logps
+from aligner.scoring.static_logps import StaticCacheError
 
 
 def examples(tokenizer):

@@ -27,7 +27,7 @@ def dpo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_default_run_takes_the_packed_prefix_shared_chunked_path_and_says_so(dpo_run):
-    """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/batch_path.py), logged once, in plan.json."""
+    """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/scoring/batch_path.py), logged once, in plan.json."""
     written = json.loads((dpo_run / "plan.json").read_text())
     assert written["batch_path"] == {"packing": True, "prefix_sharing": True, "chunk_tokens": 1024,
                                      "attn_implementation": "aligner_varlen", "kernel": "sdpa_segments",
@@ -65,7 +65,7 @@ def test_checkpoints_and_exported_model_match_the_engine(dpo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aligner.data import collate_pairs, load_rows, tokenize_dataset
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     assert sorted(p.name for p in (dpo_run / "checkpoints").glob("step_*")) == ["step_20", "step_40"]
     final = dpo_run / "final"

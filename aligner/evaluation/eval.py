@@ -13,12 +13,12 @@ import math
 import torch
 import torch.distributed as dist
 
-from aligner import sequence_parallel
 from aligner.data import Example, UnpairedExample, make_collate
+from aligner.evaluation.regression import likelihood_margins, preference_flips
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
-from aligner.plan import ModelPlan, make_plan
-from aligner.regression import likelihood_margins, preference_flips
-from aligner.step import gather_inputs, total_loss
+from aligner.models.plan import ModelPlan, make_plan
+from aligner.scoring import sequence_parallel
+from aligner.training.step import gather_inputs, total_loss
 
 
 def shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
@@ -102,7 +102,7 @@ def evaluate(plugins, engines: Engines, examples: list[Example] | list[UnpairedE
     """``eval/...`` metrics (the loss as ``eval/loss``) and the per-example inputs they came from.
 
     With an anchor and paired data, also the regression metrics against it
-    (:func:`aligner.regression.preference_flips`) under ``eval/regression/...``.
+    (:func:`aligner.evaluation.regression.preference_flips`) under ``eval/regression/...``.
     """
     was_training = engines.policy.training
     engines.policy.eval()

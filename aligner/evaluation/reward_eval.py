@@ -1,4 +1,4 @@
-"""``eval.reward_model``: the reward-model judge (aligner/reward_judge.py) at every evaluation of a training run.
+"""``eval.reward_model``: the reward-model judge (aligner/evaluation/reward_judge.py) at every evaluation of a training run.
 
 At each evaluation every rank generates greedy responses (``eval.reward_max_new_tokens``)
 to the prompts of ``data.eval`` with the policy engine (the same prompts on every
@@ -22,9 +22,9 @@ import torch
 
 from aligner.config import ConfigError
 from aligner.data import load_rows
-from aligner.generate import generate
-from aligner.regression import reward_model_flips
-from aligner.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
+from aligner.evaluation.generate import generate
+from aligner.evaluation.regression import reward_model_flips
+from aligner.evaluation.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
 
 log = logging.getLogger(__name__)
 PREFIX = "eval/regression/generation/"

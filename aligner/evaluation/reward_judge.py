@@ -1,14 +1,14 @@
 """A reward model as the judge of regression on real tasks: FlipGuard's PPO-form test on generations.
 
 For each prompt x, the model π_θ and its anchor π_pre each generate a greedy
-response (aligner/generate.py), and a reward model R (an
+response (aligner/evaluation/generate.py), and a reward model R (an
 ``AutoModelForSequenceClassification`` with one output, e.g. a Skywork- or
 ArmoRM-style RM) scores both. The example is a *negative flip* when
 
     R(x, y_pre) − R(x, y_θ) > ε
 
 and a positive flip when R(x, y_θ) − R(x, y_pre) > ε
-(:func:`aligner.regression.reward_model_flips`). The RM reads the pair through
+(:func:`aligner.evaluation.regression.reward_model_flips`). The RM reads the pair through
 its own tokenizer: as a chat ``[user: x, assistant: y]`` when that tokenizer has
 a chat template, else as the text x + y.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from aligner.data import DataError
-from aligner.models import ModelError
+from aligner.models.loading import ModelError
 
 
 def check_reward_model(name_or_path: str, flag: str = "--reward-model") -> None:
@@ -29,7 +29,7 @@ def check_reward_model(name_or_path: str, flag: str = "--reward-model") -> None:
     without loading weights."""
     from transformers import AutoConfig
 
-    from aligner import hub
+    from aligner.models import hub
 
     path = Path(name_or_path)
     if not path.exists() and not hub.is_hub_id(name_or_path):

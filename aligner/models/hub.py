@@ -52,7 +52,7 @@ def snapshot(repo_id: str, key: str, revision: str | None = None) -> Path:
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-    from aligner.models import ModelError
+    from aligner.models.loading import ModelError
 
     at = f" at revision {revision}" if revision else ""
     try:

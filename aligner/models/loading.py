@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from aligner import attention, embedded
 from aligner.config import RunConfig
+from aligner.data import embedded
+from aligner.scoring import attention
 
 
 class ModelError(ValueError):
@@ -75,13 +76,13 @@ def resolve_path(name_or_path: str, key: str, revision: str | None = None) -> Pa
     """A local checkpoint folder for ``name_or_path``: a folder, a Hub ID (fetched into the HF cache), or an
     embedded model (built on first use). Rank 0 (then each node's local rank 0) resolves first; the other ranks
     wait and read what it fetched or built."""
-    from aligner.lockstep import leaders_first
+    from aligner.distributed.lockstep import leaders_first
 
     return leaders_first(lambda: _resolve(name_or_path, key, revision))
 
 
 def _resolve(name_or_path: str, key: str, revision: str | None) -> Path:
-    from aligner import hub
+    from aligner.models import hub
 
     if embedded.is_embedded(name_or_path):
         try:
@@ -144,7 +145,7 @@ def run_tokenizer(cfg: RunConfig, policy_path: Path):
 
 def load_model(path: Path, cfg: RunConfig, dtype: str | None = None):
     """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (default ``model.dtype``, resolved by
-    aligner/batch_path.py); under ZeRO-3 the weights are partitioned while loading.
+    aligner/scoring/batch_path.py); under ZeRO-3 the weights are partitioned while loading.
 
     A model whose weights' dtype the run's attention kernel does not take (the fp32 reference a trust-region
     plugin moves, in a bf16 run on flash kernels) runs its forward under autocast to ``model.dtype``: its shards
@@ -222,7 +223,7 @@ def frozen_deepspeed_config(policy_conf: dict[str, Any], fp32: bool = False) -> 
     """Config for a model that only runs forward (reference, anchor): no optimizer, no offload of state.
 
     ``fp32=True`` for a reference that a trust-region plugin moves: its weights must stay fp32 whatever the
-    policy's dtype, or small mixing weights are lost to bf16 rounding (``aligner/trust_region.py``).
+    policy's dtype, or small mixing weights are lost to bf16 rounding (``aligner/reference/trust_region.py``).
     """
     stage = policy_conf["zero_optimization"]["stage"]
     zero: dict[str, Any] = {"stage": 3 if stage == 3 else 0}
@@ -266,15 +267,15 @@ def lr_lambda(cfg: RunConfig):
 def build_policy_engine(path: Path, cfg: RunConfig, ds_conf: dict[str, Any], reference_adapter: bool = False,
                         mpu: Any = None):
     """The policy's training engine; under ``model.lora`` a ``PeftModel`` whose adapters alone train
-    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/lora.py). ``mpu``: DeepSpeed's
-    sequence-parallel groups (aligner/sequence_parallel.py), or None."""
+    (``reference_adapter``: with the frozen adapter of a moved reference, aligner/models/lora.py). ``mpu``: DeepSpeed's
+    sequence-parallel groups (aligner/scoring/sequence_parallel.py), or None."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841 - must live while from_pretrained runs (ZeRO-3 init)
     model = load_model(path, cfg)
     if cfg.model.lora is not None:
-        from aligner import lora
+        from aligner.models import lora
 
         model = lora.wrap(model, cfg.model.lora, cfg.train.seed, reference_adapter)
     if cfg.model.gradient_checkpointing:

@@ -16,7 +16,7 @@ A reference that a ``reference_update`` plugin moves is a second adapter,
 frozen (not in the optimizer) and run by switching the active adapter for the
 forward (:class:`PolicyView` with ``adapter=REFERENCE_ADAPTER``).
 
-The plan (aligner/plan.py) decides which view a model is; this module builds them.
+The plan (aligner/models/plan.py) decides which view a model is; this module builds them.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner.lora import POLICY_ADAPTER
+from aligner.models.lora import POLICY_ADAPTER
 
 
 def trainable_state_dict(engine) -> dict[str, torch.Tensor] | None:

@@ -1,7 +1,7 @@
 """The model plan of a run: which models exist, where each comes from, in which dtype, and how it is held.
 
 It is computed once, from the config and the active plugins (:func:`make_plan`),
-and everything else reads it: ``aligner/train.py`` builds the engines and the
+and everything else reads it: ``aligner/recipes/train.py`` builds the engines and the
 static log-prob caches from it, the step and the evaluation score the models it
 lists, ``launch/eval.py`` scores its two models through the same scoring, and
 ``aligner-estimate`` prints it (``--json``: under ``"plan"``). A training run
@@ -23,7 +23,7 @@ The rules, each written here only:
   step's mismatched pairs are not in the cache);
 - an anchor with the same source as an unmoved reference, held the same way
   (both live or both cached), shares the reference's engine or cache;
-- under ``model.lora`` (aligner/lora.py) a live model whose source is the
+- under ``model.lora`` (aligner/models/lora.py) a live model whose source is the
   policy's initial weights has no engine: it ``shares`` the policy's, with
   ``adapters`` ``off`` (the base: B = 0 at the start, so base = initial
   policy); a moved reference is the policy engine with its frozen
@@ -171,7 +171,7 @@ def _lora_reference(spec: ModelSpec, cfg) -> ModelSpec:
 
 def write_plan(plan: ModelPlan, built: dict[str, str], output_dir: str | Path, batch_path: dict | None = None) -> Path:
     """Write ``output_dir/plan.json``: the plan, per model what the run holds (``built``), and the run's batch path
-    (aligner/batch_path.py)."""
+    (aligner/scoring/batch_path.py)."""
     path = Path(output_dir) / "plan.json"
     extra = {"batch_path": batch_path} if batch_path is not None else {}
     path.write_text(json.dumps({**plan.to_dict(), "built": built, **extra}, indent=2, sort_keys=True))

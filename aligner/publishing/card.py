@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aligner import hub
+from aligner.models import hub
 
 ARXIV = re.compile(r"arXiv:(\d{4}\.\d{4,5})")
 _NAME_PART = re.compile(r"^[A-Z][\w'’.\-]*(?: (?:and|et al\.|[A-Z][\w'’.\-]*))*$")

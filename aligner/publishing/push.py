@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from aligner import hub
+from aligner.models import hub
 
 log = logging.getLogger("aligner")
 #: The exit code of a run that trained and exported its model, but could not push it to the Hub.

@@ -18,29 +18,32 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner import (attention, batch_path, card, checkpoint, joblock, lockstep, models, nonfinite, perf, preempt,
-                     sequence_parallel, static_logps, teardown)
 from aligner.config import ConfigError, RunConfig, apply_overrides, build_config, read_yaml
 from aligner.data import Batch, DataError, PairSampler, UnpairedExample, example_lengths, make_collate, prepare_data
-from aligner.eval import evaluate
+from aligner.distributed import lockstep
+from aligner.evaluation.eval import evaluate
+from aligner.evaluation.report import plots as report_plots
+from aligner.evaluation.reward_eval import RewardJudge
 from aligner.hookspecs import DatasetSummary, Engines, RunStart, RunSummary
-from aligner.loggers import LoggerError, Loggers
-from aligner.logging import StepMetrics, progress_bar, reduce_mean
-from aligner.losses import check_weights, pair_only_losses
-from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
-from aligner.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
+from aligner.models import loading
+from aligner.models.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
+from aligner.publishing import card
+from aligner.publishing.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
 from aligner.registry import (ActivePlugins, PluginError, PluginHookError, activate, inactive_sections,
                               list_plugins_table, logger_names)
-from aligner.report import plots as report_plots
-from aligner.reward_eval import RewardJudge
-from aligner.step import gather_inputs, total_loss
+from aligner.scoring import attention, batch_path, sequence_parallel, static_logps
+from aligner.training import checkpoint, joblock, nonfinite, perf, preempt, teardown
+from aligner.training.loggers import LoggerError, Loggers
+from aligner.training.logging import StepMetrics, progress_bar, reduce_mean
+from aligner.training.losses import check_weights, pair_only_losses
+from aligner.training.step import gather_inputs, total_loss
 
 log = logging.getLogger("aligner")
 #: With ``train.on_nonfinite: skip``, a step that meets more non-finite micro-batches than this stops the run.
 MAX_SKIPPED_PER_STEP = 8
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
-#: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/lockstep.py).
-USER_ERRORS = (ConfigError, PluginError, DataError, models.ModelError, PluginHookError,
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+#: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/distributed/lockstep.py).
+USER_ERRORS = (ConfigError, PluginError, DataError, loading.ModelError, PluginHookError,
                static_logps.StaticCacheError, checkpoint.CheckpointError, LoggerError, joblock.LockError)
 
 
@@ -93,7 +96,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def claim_output_dir(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int) -> Path | None:
-    """Collective: check ``output_dir``, take its job lock (released at teardown, aligner/joblock.py), and return the
+    """Collective: check ``output_dir``, take its job lock (released at teardown, aligner/training/joblock.py), and return the
     checkpoint to resume from, its files verified, if any. Rank 0 does the work; its errors are every rank's."""
     lockstep.on_rank_zero(lambda: open_output_dir(cfg, args), USER_ERRORS + (RunError,))
     lock = joblock.hold(cfg.output_dir, cfg.train.lock_wait_s if args.resume == "auto" else 0.0, world)
@@ -192,29 +195,29 @@ def summarize(examples: list, label: str) -> DatasetSummary:
 def model_paths(cfg: RunConfig, plan: ModelPlan) -> dict[str, Path]:
     """The checkpoint folder of every model in the plan (the policy's first: it may be built by rank 0 only)."""
     # Rank 0 fetches (a Hub ID) or builds (an embedded model) first; the others wait and read it.
-    policy_path = models.resolve_path(cfg.model.name_or_path, "model.name_or_path", cfg.model.revision)
+    policy_path = loading.resolve_path(cfg.model.name_or_path, "model.name_or_path", cfg.model.revision)
     keys = {"reference": "model.reference_path", "anchor": "anchor path (from its plugin)"}
     paths = {"policy": policy_path}
     for spec in plan.frozen():
         paths[spec.name] = (policy_path if spec.source == POLICY_INITIAL
-                            else models.resolve_path(spec.source, keys[spec.name], cfg.model.revision))
+                            else loading.resolve_path(spec.source, keys[spec.name], cfg.model.revision))
     return paths
 
 
 def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=None) -> Engines:
     """The policy's training engine and an inference engine for each ``live`` model of the plan; a model that
-    ``shares`` another's is that engine. ``mpu``: DeepSpeed's sequence-parallel groups (aligner/sequence_parallel.py)."""
-    from aligner.lora import REFERENCE_ADAPTER, PolicyView
+    ``shares`` another's is that engine. ``mpu``: DeepSpeed's sequence-parallel groups (aligner/scoring/sequence_parallel.py)."""
+    from aligner.models.lora import REFERENCE_ADAPTER, PolicyView
 
-    problem = models.host_adam_problem() if cfg.train.offload_optimizer else "not offloaded"
+    problem = loading.host_adam_problem() if cfg.train.offload_optimizer else "not offloaded"
     if cfg.train.offload_optimizer and rank_and_world()[0] == 0:
         log.info("offloaded optimizer: %s", "DeepSpeedCPUAdam" if problem is None else
                  f"torch.optim.AdamW, the slow fallback ({problem})")
-    ds_conf = models.deepspeed_config(cfg, cpu_adam=problem is None)
+    ds_conf = loading.deepspeed_config(cfg, cpu_adam=problem is None)
     reference_adapter = any(spec.adapters == "reference" for spec in plan.frozen())
-    built = {"policy": models.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter, mpu)}
+    built = {"policy": loading.build_policy_engine(paths["policy"], cfg, ds_conf, reference_adapter, mpu)}
     for spec in plan.with_state("live", own=False):
-        if spec.shares == "policy":  # under LoRA: the policy engine, its adapters off or switched (aligner/lora.py)
+        if spec.shares == "policy":  # under LoRA: the policy engine, its adapters off or switched (aligner/models/lora.py)
             built[spec.name] = PolicyView(built["policy"], REFERENCE_ADAPTER if spec.adapters == "reference" else None)
             continue
         if spec.shares:
@@ -223,8 +226,8 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=N
         if cfg.model.lora is not None and spec.source != POLICY_INITIAL and rank_and_world()[0] == 0:
             log.info("model.lora: the %s (%s) is another model than the policy's base, so it gets an engine of its "
                      "own (a second copy of the weights)", spec.name, spec.source)
-        fp32 = spec.dtype == "float32"  # a moved reference (aligner/trust_region.py: bf16 loses small updates)
-        built[spec.name] = models.build_frozen_engine(paths[spec.name], cfg, models.frozen_deepspeed_config(ds_conf, fp32=fp32),
+        fp32 = spec.dtype == "float32"  # a moved reference (aligner/reference/trust_region.py: bf16 loses small updates)
+        built[spec.name] = loading.build_frozen_engine(paths[spec.name], cfg, loading.frozen_deepspeed_config(ds_conf, fp32=fp32),
                                                       fp32=fp32, mpu=mpu)
     return Engines(**built)
 
@@ -236,13 +239,13 @@ def cache_static_models(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path],
     cached = {spec.name: paths[spec.name] for spec in plan.with_state("cached", own=False)}
     if not cached:
         return {}
-    frozen_conf = models.frozen_deepspeed_config(models.deepspeed_config(cfg))
+    frozen_conf = loading.frozen_deepspeed_config(loading.deepspeed_config(cfg))
     t = cfg.train
     layout = layout or sequence_parallel.Layout()
     return static_logps.prepare(
         cached, splits, cfg.output_dir, cfg.model.dtype,
         attention.attn_implementation(cfg.model.attn_implementation, t.packing),
-        cfg.eval.batch_size, pad_id, build_engine=lambda path: models.build_frozen_engine(path, cfg, frozen_conf,
+        cfg.eval.batch_size, pad_id, build_engine=lambda path: loading.build_frozen_engine(path, cfg, frozen_conf,
                                                                                           mpu=layout.mpu),
         train_batch_size=t.micro_batch_size, chunk_tokens=t.logps_chunk_tokens,
         collate=sequence_parallel.shard_collate(make_collate(t.packing, pad_id, False, cfg.data.max_length,
@@ -296,7 +299,7 @@ class Recipe:
     def setup(self) -> Recipe:
         cfg = self.cfg
         launched = "LOCAL_RANK" in os.environ  # set by deepspeed and torchrun, before init_distributed fills it in
-        models.init_distributed(cfg.train.dist_timeout_s)
+        loading.init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = rank_and_world()
         self.layout = sequence_parallel.layout_for(cfg, self.rank, self.world)  # refuses what cannot be sharded
         self.stopwatch = preempt.StopWatch(self.rank, cfg.train.save_every_minutes)
@@ -306,7 +309,7 @@ class Recipe:
         torch.manual_seed(cfg.train.seed)
         plan_without_data = make_plan(cfg, self.plugins)  # the sources; paired or not is known once data is loaded
         self.paths = model_paths(cfg, plan_without_data)
-        self.tokenizer = models.run_tokenizer(cfg, self.paths["policy"])
+        self.tokenizer = loading.run_tokenizer(cfg, self.paths["policy"])
         self.pad_id = self.tokenizer.pad_token_id
         self.meta = checkpoint_meta(cfg, self.plugins, self.world, self.paths["policy"])
         self.resume_meta = checkpoint.read_meta(self.resume_from) if self.resume_from is not None else None
@@ -475,7 +478,7 @@ class Recipe:
     def after_step(self, step: int) -> None:
         """The one place, per optimizer step, that decides what happens before the next: eval, save, stop.
 
-        A stop request (SIGTERM/SIGUSR1, a dead launcher: aligner/preempt.py) and the wall-clock save
+        A stop request (SIGTERM/SIGUSR1, a dead launcher: aligner/training/preempt.py) and the wall-clock save
         (``train.save_every_minutes``) get the same answer on every rank, once per optimizer step.
         """
         cfg = self.cfg
@@ -551,10 +554,10 @@ class Recipe:
         if cfg.model.lora is None:
             checkpoint.export_hf(self.policy, self.tokenizer, final)
         else:
-            from aligner import lora_export
+            from aligner.models import lora_export
 
             lora_export.export_adapter(self.policy, self.tokenizer, final, merged_from=self.paths["policy"] if merged else None,
-                                       dtype=models.torch_dtype(cfg.model.dtype))
+                                       dtype=loading.torch_dtype(cfg.model.dtype))
         if self.rank != 0:
             return self.final_metrics
         (self.out / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2, sort_keys=True))
@@ -624,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         code = report(preempt.EXIT_PREEMPTED, f"aligner: {exc}")
     except PushError as exc:
         code = report(EXIT_PUSH_FAILED, f"aligner: trained, but the push to the Hub failed: {exc}")
-    except KeyboardInterrupt:  # Ctrl-C before the stop handling was installed (aligner/preempt.py): nothing to save
+    except KeyboardInterrupt:  # Ctrl-C before the stop handling was installed (aligner/training/preempt.py): nothing to save
         code = report(preempt.EXIT_INTERRUPTED, "aligner: interrupted (Ctrl-C) while starting; nothing was saved")
     except RuntimeError as exc:
         if cfg is None or not lost_peer(exc):

@@ -2,7 +2,7 @@
 
 Per adapted layer, with the policy's factors B (out × r), A (r × in), the
 reference's B_r (out × R), A_r (R × in) and the common scale s (the reference
-adapter's α is scaled with its rank, so s = α/r for both, aligner/lora.py):
+adapter's α is scaled with its rank, so s = α/r for both, aligner/models/lora.py):
 
     θ   = W₀ + s·B·A          θ_ref = W₀ + s·B_r·A_r
 
@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
-from aligner.lora import POLICY_ADAPTER, REFERENCE_ADAPTER, lora_layers
+from aligner.distributed.comm import comm_device
+from aligner.models.lora import POLICY_ADAPTER, REFERENCE_ADAPTER, lora_layers
 
 ADAPTER_FILE = "reference_adapter.safetensors"
 

@@ -5,7 +5,7 @@ same way, so each rank mixes only its local partitions (``param.ds_tensor``):
 the update is exact and costs no communication. θ is the policy's fp32 master
 partition (``deepspeed.utils.safe_get_local_fp32_param``), and the reference
 partitions must be fp32 too: a bf16 reference loses small-α updates to rounding
-(PLATFORM.md measured a 13× error at α = 0.01), so ``aligner/train.py`` builds
+(PLATFORM.md measured a 13× error at α = 0.01), so ``aligner/recipes/train.py`` builds
 the reference in fp32 whenever a ``reference_update`` plugin is active.
 
 A ZeRO-3 parameter that is *persistent* keeps a full, un-partitioned copy that
@@ -21,8 +21,8 @@ rank holding that rank's partitions (:func:`save_reference`), and restored on
 resume (:func:`load_reference`).
 
 Under ``model.lora`` the moved reference is the policy engine's frozen
-``reference`` adapter (aligner/plan.py): each function here then hands over to
-:mod:`aligner.lora_trust_region`, whose docstring has the update rule on the
+``reference`` adapter (aligner/models/plan.py): each function here then hands over to
+:mod:`aligner.reference.lora_trust_region`, whose docstring has the update rule on the
 adapters' factors and what it approximates.
 
 These are the engine operations only; the ``tr_soft`` and ``tr_hard`` plugins
@@ -44,8 +44,8 @@ class TrustRegionError(ValueError):
 
 
 def _adapter_reference(engines: Engines) -> bool:
-    """Whether the reference is the policy engine's LoRA reference adapter (aligner/lora.py)."""
-    from aligner.lora import REFERENCE_ADAPTER
+    """Whether the reference is the policy engine's LoRA reference adapter (aligner/models/lora.py)."""
+    from aligner.models.lora import REFERENCE_ADAPTER
 
     return getattr(engines.reference, "adapter", None) == REFERENCE_ADAPTER
 
@@ -128,7 +128,7 @@ def mix_into_reference(engines: Engines, alpha: float) -> None:
     if not 0.0 < alpha <= 1.0:
         raise TrustRegionError(f"alpha must be in (0, 1], got {alpha}")
     if _adapter_reference(engines):
-        from aligner.lora_trust_region import mix_adapters
+        from aligner.reference.lora_trust_region import mix_adapters
 
         return mix_adapters(engines.policy, alpha)
     _check_offload(engines)
@@ -144,10 +144,10 @@ def mix_into_reference(engines: Engines, alpha: float) -> None:
 @torch.no_grad()
 def relative_distance(engines: Engines) -> float:
     """‖θ_ref − θ‖ / ‖θ‖ over all parameters (fp32), from local storage; summed across ranks under ZeRO-3."""
-    from aligner.comm import comm_device
+    from aligner.distributed.comm import comm_device
 
     if _adapter_reference(engines):  # LoRA: the numerator from the factors, over the base's norm ‖θ₀‖
-        from aligner.lora_trust_region import adapter_distance, base_norm_squared
+        from aligner.reference.lora_trust_region import adapter_distance, base_norm_squared
 
         diff, _ = adapter_distance(engines.policy)
         return float(max(diff, 0.0) ** 0.5 / max(base_norm_squared(engines.policy), 1e-60) ** 0.5)
@@ -173,7 +173,7 @@ def save_reference(directory: Path, engines: Engines) -> Path:
     from safetensors.torch import save_file
 
     if _adapter_reference(engines):
-        from aligner.lora_trust_region import save_adapter
+        from aligner.reference.lora_trust_region import save_adapter
 
         return save_adapter(directory, engines.policy)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -191,7 +191,7 @@ def load_reference(directory: Path, engines: Engines) -> Path:
     from safetensors import safe_open
 
     if _adapter_reference(engines):
-        from aligner.lora_trust_region import load_adapter
+        from aligner.reference.lora_trust_region import load_adapter
 
         return load_adapter(directory, engines.policy, TrustRegionError)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

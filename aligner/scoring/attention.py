@@ -33,7 +33,7 @@ The first two take fp16/bf16 only. Each candidate must pass :func:`self_check` (
 against fp32 SDPA, in the run's dtype and head layout) before it is used; an import or ABI failure, a signature
 this code cannot call, or a mismatch moves on to the next, with the reason. A model whose weights the chosen
 kernel does not take (the fp32 reference a trust-region plugin moves, in a bf16 run) runs its forward under
-autocast to the run's dtype (``aligner/models.py``), and this function casts its fp32 q/k/v to the autocast dtype.
+autocast to the run's dtype (``aligner/models/loading.py``), and this function casts its fp32 q/k/v to the autocast dtype.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if kv_index is not None:
         k, v = k[kv_index], v[kv_index]  # (Lk, Hkv, D): the prompt's K/V once more, for its rejected segment
     kernel = _active
-    if not kernel.takes(q.dtype):  # fp32 weights in a bf16 run: the forward runs under autocast (aligner/models.py)
+    if not kernel.takes(q.dtype):  # fp32 weights in a bf16 run: the forward runs under autocast (aligner/models/loading.py)
         if not torch.is_autocast_enabled(q.device.type):
             raise ValueError(f"{VARLEN}: the {kernel.name} kernel takes {kernel.dtypes}, this model's attention runs "
                              f"in {q.dtype} outside autocast")

@@ -18,7 +18,7 @@ bfloat16`` (also under ``"batch_path"`` in ``output_dir/plan.json``). The rules,
   (``config.final_logit_softcapping``, ``logit_scale``): otherwise full logits;
 - the kernel under this project's attention function: on a GPU the first of flash-attn, torch's ``varlen_attn``
   and SDPA per segment that takes the run's dtype and passes its start-up self-check
-  (:func:`aligner.attention.choose_kernel`); on the CPU, SDPA per segment;
+  (:func:`aligner.scoring.attention.choose_kernel`); on the CPU, SDPA per segment;
 - ``flash_attention_2`` named by the user takes fp16/bf16 only: with float32 weights the run is refused here,
   before any engine is built.
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from aligner import attention
-from aligner.logps import logits_transform, scoring_head_problem
+from aligner.scoring import attention
+from aligner.scoring.logps import logits_transform, scoring_head_problem
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class BatchPath:
     """What a run's batches are, how they are scored, and in which dtype.
 
     :param attn_implementation: the transformers attention implementation the models load with.
-    :param kernel: the kernel under :data:`aligner.attention.VARLEN` (:data:`aligner.attention.KERNELS`); for an
+    :param kernel: the kernel under :data:`aligner.scoring.attention.VARLEN` (:data:`aligner.scoring.attention.KERNELS`); for an
         implementation of transformers' own, its name.
     :param dtype: the run's dtype (``model.dtype`` resolved): the policy's weights, and what every forward runs in.
     :param fallbacks: one reason per step back from the requested path.
@@ -107,7 +107,7 @@ def attention_shape(model_config) -> tuple[int, int, int]:
 
 
 def head_problem(model_config, trust_remote_code: bool = False) -> str | None:
-    """Why this model's logits cannot be scored by the chunked head, or None (:func:`aligner.logps.logits_transform`,
+    """Why this model's logits cannot be scored by the chunked head, or None (:func:`aligner.scoring.logps.logits_transform`,
     and the head's class, read from the model built on the meta device: no memory, no weights)."""
     problem = logits_transform(model_config)
     if problem:
@@ -126,7 +126,7 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
            kernels: list[attention.Kernel] | None = None) -> BatchPath:
     """The run's :class:`BatchPath` from the requested switches (``cfg.train``, ``cfg.model``), the policy's HF
     config, the data (``paired``) and the plugins' inputs (``kl_pairs``), on this machine (``cuda``: detected when
-    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.attention.detect_kernels`)."""
+    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.scoring.attention.detect_kernels`)."""
     from aligner.config import ConfigError
 
     t, requested_attn = cfg.train, cfg.model.attn_implementation
@@ -168,8 +168,8 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
         if cuda:
             window = getattr(model_config, "sliding_window", None)
             heads, kv_heads, head_dim = attention_shape(model_config)
-            if t.sequence_parallel > 1:  # each rank's kernel runs its share of the heads (aligner/sequence_parallel.py)
-                from aligner.sequence_parallel import local_heads
+            if t.sequence_parallel > 1:  # each rank's kernel runs its share of the heads (aligner/scoring/sequence_parallel.py)
+                from aligner.scoring.sequence_parallel import local_heads
 
                 heads, kv_heads = local_heads(heads, kv_heads, t.sequence_parallel)
             kernel, kernel_fallbacks = attention.choose_kernel(getattr(torch, dtype), heads, kv_heads, head_dim,

@@ -15,9 +15,9 @@ What aligner adds, and why each part is exact:
   data-parallel groups (``dp_rank = rank // N``), so the N ranks of a group draw the same micro-batch.
   ZeRO-3 partitions every parameter over all ranks (DeepSpeed's sequence-data-parallel group, the whole
   world), and the policy and the reference are partitioned alike, so the trust-region update on the local
-  shards (aligner/trust_region.py) stays exact. DeepSpeed counts world/N data-parallel ranks for the batch
+  shards (aligner/reference/trust_region.py) stays exact. DeepSpeed counts world/N data-parallel ranks for the batch
   size (the ``mpu`` handed to ``deepspeed.initialize``); how it averages gradients is the last point below.
-- **The core attention is aligner's** (aligner/attention.py). The rank's row is a contiguous slice of the
+- **The core attention is aligner's** (aligner/scoring/attention.py). The rank's row is a contiguous slice of the
   whole packed row. The forward kwargs that describe attention (``cu_seq_lens``, and for prefix-shared rows the
   key gather index) describe the *whole* row, because the core attention runs on the whole row after the
   first all-to-all. So a rejected token sees the prompt and never chosen, whichever rank holds either.
@@ -47,7 +47,7 @@ in turn (SP over DP: N micro-steps per draw, with a sampler over the whole world
 ``labels``/``shift_labels`` in ``[bs, seqlen]`` tensors. Neither fits preference rows (several sequences, the
 prefix-shared scoring list, attention metadata over the whole row). Its tiled logits loss
 (``TiledFusedLogitsLoss``) runs backward inside forward for a scalar loss. Our losses are nonlinear in
-per-sequence sums, so the chunked head (aligner/logps.py) does that job.
+per-sequence sums, so the chunked head (aligner/scoring/logps.py) does that job.
 
 What DeepSpeed's Ulysses cannot run is refused before any engine is built (:func:`check_config` from the config
 alone, :func:`check` once the model, data and batch path are known): N not dividing the world; a head count that N
@@ -70,10 +70,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aligner import attention, models
-from aligner.comm import comm_device
 from aligner.config import ConfigError
 from aligner.data.batch import Batch
+from aligner.distributed.comm import comm_device
+from aligner.models import loading
+from aligner.scoring import attention
 
 #: Core attention implementations DeepSpeed's wrapper can run a packed row through: they read the sequence
 #: bounds from ``cu_seq_lens`` (aligner's own; flash-attn's), not from a mask the wrapper drops.
@@ -124,7 +125,7 @@ def check_config(cfg, world: int) -> None:
             f"train.sequence_parallel={size} does not divide the number of ranks ({world}): each sequence is shared "
             f"by {size} ranks, so the ranks must form whole groups of {size}. Set train.sequence_parallel to one of "
             f"{divisors}, or launch a multiple of {size} ranks")
-    zero = models.deepspeed_config(cfg)["zero_optimization"]
+    zero = loading.deepspeed_config(cfg)["zero_optimization"]
     if zero.get("stage") != 3 or not zero.get("reduce_scatter", True):
         raise ConfigError(
             f"{key}: sequence parallelism runs under ZeRO-3 with reduce-scatter (DeepSpeed's defaults), got "
@@ -173,7 +174,7 @@ def check(cfg, path, model_config) -> None:
     """Refuse, before any engine is built, a run that ``train.sequence_parallel > 1`` cannot shard exactly, once
     its model and batch path are known (:func:`check_config` has run).
 
-    :param path: the run's decided :class:`aligner.batch_path.BatchPath`.
+    :param path: the run's decided :class:`aligner.scoring.batch_path.BatchPath`.
     """
     n = cfg.train.sequence_parallel
     if n == 1:

@@ -3,7 +3,7 @@
 A frozen model's summed response log-probs depend only on the example, so they
 are computed once, in a sharded pre-pass (gathered onto every rank), and looked
 up by example id afterwards. The pre-pass scores the eval split and, of the train
-split, only the examples the run's steps will draw (``aligner/train.py``
+split, only the examples the run's steps will draw (``aligner/recipes/train.py``
 ``static_train_examples``: a 100-step run of a 60k-pair dataset scores 100 global
 batches, not 60k pairs); a resumed or longer run scores what it still lacks and
 reuses the rest. Static are
@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from aligner.data import Example
 from aligner.hookspecs import SequenceLogps
-from aligner.logps import score_pairs
+from aligner.scoring.logps import score_pairs
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -188,8 +188,8 @@ def _check_digests(cache: StaticLogps, splits: dict[str, list[Example]], path: P
 def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_token_id: int,
              chunk_tokens: int = 0, collate: Callable | None = None) -> dict:
     """This rank's share of ``examples`` through ``engine``, gathered onto every rank."""
-    from aligner.eval import shard_batches
-    from aligner.sequence_parallel import data_parallel
+    from aligner.evaluation.eval import shard_batches
+    from aligner.scoring.sequence_parallel import data_parallel
 
     rank, world = data_parallel()  # the ranks that share a sequence score the same examples (alike: a dict merges them)
     local = {}
@@ -250,13 +250,13 @@ def prepare(models: dict[str, Path], splits: dict[str, list[Example]], output_di
 
     :param models: static model name (``reference``, ``anchor``) -> checkpoint folder. Models with the
         same folder share one cache, one file and one pre-pass.
-    :param splits: split name -> its examples (the eval split's batches match :func:`aligner.eval.evaluate`'s,
+    :param splits: split name -> its examples (the eval split's batches match :func:`aligner.evaluation.eval.evaluate`'s,
         so a model equal to the policy gives bitwise the policy's eval log-probs).
     :param build_engine: builds the model's (ZeRO-3 partitioned) inference engine; called only when some
         example is missing from the cache, and the engine is dropped before this returns.
     :param train_batch_size: pairs per forward for the ``train`` split (``train.micro_batch_size``), so the
         pre-pass needs no more memory than a training step; other splits use ``batch_size`` (the eval's).
-    :param chunk_tokens: ``train.logps_chunk_tokens``, as in the steps (aligner/logps.py).
+    :param chunk_tokens: ``train.logps_chunk_tokens``, as in the steps (aligner/scoring/logps.py).
     :param collate: the run's batch builder (:func:`aligner.data.make_collate`), so the pre-pass scores the same
         layout (padded, packed, prefix-shared) as the steps; default padded.
 

@@ -34,13 +34,13 @@ dtype (2 for bf16, 4 for fp32), ZeRO-3:
   kv = key/value width, I the MLP width), plus H·L² score and probability
   elements per sequence for eager attention. With gradient checkpointing: h
   per layer and token plus one layer's full set while it is recomputed.
-- ``train.sequence_parallel: N`` (aligner/sequence_parallel.py): every rank holds 1/N of the row's tokens, so
+- ``train.sequence_parallel: N`` (aligner/scoring/sequence_parallel.py): every rank holds 1/N of the row's tokens, so
   the activations, the logits and every frozen or evaluation forward count T/N tokens; per layer and token
   each rank also keeps what DeepSpeed's two all-to-alls return for backward: the gathered q/k/v of its heads
   and the attention output before it is sent back (2·h + 2·kv elements). The ZeRO-3 shards still split over
   all ranks.
 - logits: T·V in the model dtype, and, for the scored tokens, the picked rows
-  (d) and their fp32 copy (4) that ``aligner/logps.py`` keeps for backward.
+  (d) and their fp32 copy (4) that ``aligner/scoring/logps.py`` keeps for backward.
   An evaluation forward (``eval.batch_size`` pairs, no gradients) holds its
   logits and picked rows; the peak is the larger of the training
   forward/backward, the optimizer step and the evaluation forward.
@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner import hub
-from aligner.plan import POLICY_INITIAL, ModelPlan, make_plan
+from aligner.models import hub
+from aligner.models.plan import POLICY_INITIAL, ModelPlan, make_plan
 
 GIB = 2**30
 
@@ -179,11 +179,11 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
     if spec in BUILTIN_SHAPES:
         return ModelShape.from_dict(BUILTIN_SHAPES[spec], spec), f"built-in shape {spec}"
     if model_config is None and spec.startswith("embedded:"):
-        from aligner import embedded
+        from aligner.data import embedded
 
         path = embedded.embedded_dir(spec) / "config.json"
         if not path.is_file():
-            from aligner.models import resolve_path
+            from aligner.models.loading import resolve_path
 
             path = resolve_path(spec, "model.name_or_path") / "config.json"
     elif model_config is None and not Path(spec).exists() and hub.is_hub_id(spec):
@@ -216,7 +216,7 @@ def load_shape(model_config: str | None, name_or_path: str) -> tuple[ModelShape,
 class FrozenModel:
     """A model beside the policy that the run will hold, one per engine or cache: which (``reference+anchor`` for
     one shared by both), from where, in which dtype, and whether the static log-prob cache replaces its engine
-    after a pre-pass. A view of the run's :class:`aligner.plan.ModelPlan`."""
+    after a pre-pass. A view of the run's :class:`aligner.models.plan.ModelPlan`."""
 
     role: str  # "reference", "anchor" or "reference+anchor" (one shared engine or cache)
     path: str
@@ -240,7 +240,7 @@ def data_is_paired(cfg) -> bool | None:
 
 
 def planned_frozen_models(cfg, plugins, plan: ModelPlan | None = None) -> list[FrozenModel]:
-    """The frozen engines and caches of the run's plan (:func:`aligner.plan.make_plan`, the rules training uses)."""
+    """The frozen engines and caches of the run's plan (:func:`aligner.models.plan.make_plan`, the rules training uses)."""
     plan = plan or make_plan(cfg, plugins)
     out: dict[str, FrozenModel] = {}
     for spec in plan.frozen():
@@ -330,21 +330,21 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
     :param device: ``gpu`` (buffers count in full once allocated) or ``cpu`` (a buffer's pages count only once
         written, as resident memory does: the reduce bucket fills up to the number of gradient elements).
     :param frozen_shapes: shapes of frozen models loaded from other checkpoints, by path (default: the policy's).
-    :param plan: the run's model plan (default: :func:`aligner.plan.make_plan` on paired data).
+    :param plan: the run's model plan (default: :func:`aligner.models.plan.make_plan` on paired data).
     """
-    from aligner import models
+    from aligner.models import loading
 
     if gpus_per_node < 1 or nodes < 1:
         raise EstimateError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
     cfg = resolved(cfg, device)
     ranks = gpus_per_node * nodes
-    from aligner.sequence_parallel import check_config, head_problem
+    from aligner.scoring.sequence_parallel import check_config, head_problem
 
     check_config(cfg, ranks)  # what the run would refuse, refused here too
     problem = head_problem(cfg.train.sequence_parallel, shape.num_heads, shape.num_kv_heads)
     if cfg.train.sequence_parallel > 1 and problem:
         raise EstimateError(f"train.sequence_parallel={cfg.train.sequence_parallel}: {problem}")
-    zero = models.deepspeed_config(cfg).get("zero_optimization", {})
+    zero = loading.deepspeed_config(cfg).get("zero_optimization", {})
     est = Estimate(shape, ranks, gpus_per_node, device, OVERHEAD_GIB[device] * GIB,
                    sequence_parallel=cfg.train.sequence_parallel)
     est.plan = plan or make_plan(cfg, plugins)
@@ -358,10 +358,10 @@ def estimate(cfg, plugins, shape: ModelShape, gpus_per_node: int = 1, nodes: int
 
 
 def resolved(cfg, device: str):
-    """``cfg`` with ``model.dtype: auto`` resolved as a run on ``device`` resolves it (aligner/batch_path.py)."""
+    """``cfg`` with ``model.dtype: auto`` resolved as a run on ``device`` resolves it (aligner/scoring/batch_path.py)."""
     import dataclasses
 
-    from aligner.batch_path import resolve_dtype
+    from aligner.scoring.batch_path import resolve_dtype
 
     dtype = resolve_dtype(cfg.model.dtype, cuda=device == "gpu")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
@@ -432,7 +432,7 @@ def _zero_buffers(est: Estimate, cfg, zero: dict[str, Any]) -> None:
 
 
 def head_bytes(tokens: int, shape: ModelShape, d: int, chunk_tokens: int, grad: bool) -> tuple[float, str]:
-    """Memory of the LM head's output for ``tokens`` scored tokens (aligner/logps.py), and a note.
+    """Memory of the LM head's output for ``tokens`` scored tokens (aligner/scoring/logps.py), and a note.
 
     Naive (``train.logps_chunk_tokens`` 0): the (T, V) logits in the model dtype and the picked rows (d), plus,
     with gradients, their fp32 copy (4), or without, one fp32 conversion chunk of 1024 rows. Chunked (c > 0):
@@ -450,7 +450,7 @@ def head_bytes(tokens: int, shape: ModelShape, d: int, chunk_tokens: int, grad: 
 
 def _policy_forward(est: Estimate, cfg) -> None:
     """Activations of the policy's forward+backward at the configured lengths, its logits, the eval forward."""
-    from aligner import attention
+    from aligner.scoring import attention
 
     shape, d, chunk = est.shape, _bytes(cfg.model.dtype), cfg.train.logps_chunk_tokens
     B, L, sp = cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.sequence_parallel
@@ -546,7 +546,7 @@ def format_estimate(est: Estimate, gpu_mem_gib: float) -> str:
     for line in est.steady:
         tag = {"held": "", "fwd": " [fwd/bwd]", "step": " [optimizer step]", "eval": " [eval]"}[line.phase]
         out.append(f"  {line.name:<32} {line.bytes / GIB:9.3f}  {line.note}{tag}")
-    out.append(f"  {'per-process overhead':<32} {est.overhead / GIB:9.3f}  constant (aligner.estimate.OVERHEAD_GIB['{est.device}'])")
+    out.append(f"  {'per-process overhead':<32} {est.overhead / GIB:9.3f}  constant (aligner.tools.estimate.OVERHEAD_GIB['{est.device}'])")
     out.append(f"  {'total':<32} {est.steady_total / GIB:9.3f}  held + max([fwd/bwd], [optimizer step], [eval])")
     if est.prepass:
         out.append(f"{'per rank, static-cache pre-pass':<34}")
@@ -583,7 +583,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_estimate(args: argparse.Namespace) -> Estimate:
-    from aligner.train import configure
+    from aligner.recipes.train import configure
 
     ns = argparse.Namespace(config=args.config, plugins=args.plugins, overrides=args.overrides)
     if not Path(args.config).is_file():
@@ -619,7 +619,7 @@ def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from aligner.config import ConfigError
-    from aligner.models import ModelError
+    from aligner.models.loading import ModelError
     from aligner.registry import PluginError, PluginHookError
 
     args = parse_args(argv)

@@ -28,7 +28,7 @@ rank 0 of every job (one lock per job, however many nodes) holds
   lock as any starting job does. A lock cannot change under the guard, because only a
   takeover removes another job's lock and new locks are linked only where none is.
 - The lock is removed at the end of the run, whatever the exit code
-  (aligner/teardown.py), and only by the job whose token it holds.
+  (aligner/training/teardown.py), and only by the job whose token it holds.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def hold(output_dir: str | Path, wait_s: float, world_size: int) -> JobLock | No
 
     Rank 0 alone reads the clock, so every rank leaves the wait at the same poll.
     """
-    from aligner.lockstep import on_rank_zero
+    from aligner.distributed.lockstep import on_rank_zero
 
     path = lock_path(output_dir)
     mine: dict[str, Any] = {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from aligner.models import free_port
+from aligner.models.loading import free_port
 
 #: The training entry script of this checkout (``launch/train.py``).
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 
 
 def deepspeed_command(args: list[str], nproc: int = 2, script: str | Path = TRAIN_SCRIPT) -> list[str]:

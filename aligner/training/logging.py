@@ -1,4 +1,4 @@
-"""Metrics: averaged over micro-batches and ranks, handed by rank 0 to the run's loggers (aligner/loggers.py:
+"""Metrics: averaged over micro-batches and ranks, handed by rank 0 to the run's loggers (aligner/training/loggers.py:
 TensorBoard by default, plugins/tensorboard.py), with a progress bar.
 
 A metric that is NaN for a micro-batch or a rank means "no value here" (a mean
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
+from aligner.distributed.comm import comm_device
 
 
 def reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]:

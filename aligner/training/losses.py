@@ -14,7 +14,7 @@ from aligner.config import ConfigError
 from aligner.hookspecs import LossConfig, LossOutput
 from aligner.registry import ActivePlugins, PluginHookError
 
-#: Metric tags that the core alone logs when a reference model is present (aligner/rewards.py).
+#: Metric tags that the core alone logs when a reference model is present (aligner/training/rewards.py).
 CORE_REWARD_PREFIX = "rewards/"
 
 
@@ -56,7 +56,7 @@ def weighted_losses(plugins: ActivePlugins, inputs, config, sections: list[objec
     """Σ_k w_k·L_k over the active losses, and their metrics (``<name>/loss`` for each term).
 
     With a reference model (``has_reference``) a loss's own ``rewards/*`` tags are
-    dropped: the core logs those once, from the DPO-form reward (aligner/rewards.py).
+    dropped: the core logs those once, from the DPO-form reward (aligner/training/rewards.py).
     """
     total: torch.Tensor | float = 0.0
     metrics: dict[str, torch.Tensor] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
+from aligner.distributed.comm import comm_device
 
 
 class NonFiniteError(RuntimeError):

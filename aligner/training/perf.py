@@ -25,8 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
 from aligner.data.batch import Batch
+from aligner.distributed.comm import comm_device
 from aligner.hookspecs import Engines
 
 #: Dense peak FLOP/s by GPU name and dtype (vendor data sheets: H100/H200 SXM 989.4 TFLOP/s bf16,

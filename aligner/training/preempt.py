@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
+from aligner.distributed.comm import comm_device
 
 log = logging.getLogger("aligner")
 #: The exit code of a run stopped by a signal (or by its launcher's exit) after saving a checkpoint.

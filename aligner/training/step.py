@@ -10,10 +10,10 @@ import torch
 
 from aligner.data.batch import Batch
 from aligner.hookspecs import Engines, LossOutput, SequenceLogps, StepInputs
-from aligner.logps import batch_logps
-from aligner.losses import loss_section, weighted_losses
-from aligner.rewards import flip_transitions, implicit_reward_metrics, reward_beta
 from aligner.registry import ActivePlugins, PluginHookError
+from aligner.scoring.logps import batch_logps
+from aligner.training.losses import loss_section, weighted_losses
+from aligner.training.rewards import flip_transitions, implicit_reward_metrics, reward_beta
 
 
 def split_pairs(values: torch.Tensor, n_chosen: int | None = None) -> SequenceLogps:
@@ -31,8 +31,8 @@ def gather_inputs(batch: Batch, engines: Engines, static: dict | None = None, ch
     policy and the reference without gradients.
 
     :param static: model name -> its cached log-probs for this batch's split (an
-        :class:`aligner.static_logps.SplitView`); a cached model needs no engine and no forward.
-    :param chunk_tokens: ``train.logps_chunk_tokens`` (see aligner/logps.py).
+        :class:`aligner.scoring.static_logps.SplitView`); a cached model needs no engine and no forward.
+    :param chunk_tokens: ``train.logps_chunk_tokens`` (see aligner/scoring/logps.py).
     """
     n_chosen = batch.n_chosen
     policy_logps, n_tokens = batch_logps(engines.policy, batch, chunk_tokens)  # (N,), (N,)
@@ -72,8 +72,8 @@ def total_loss(plugins: ActivePlugins, inputs: StepInputs, config) -> tuple[torc
     """The weighted sum of the loss plugins' terms plus every constraint's term, and the metrics of all of them.
 
     ``train/loss`` is the total that is back-propagated (as TRL's ``loss``),
-    each loss's own term is ``<name>/loss`` (aligner/losses.py); ``rewards/*``
-    and ``flips/*`` are logged once, by the core (aligner/rewards.py);
+    each loss's own term is ``<name>/loss`` (aligner/training/losses.py); ``rewards/*``
+    and ``flips/*`` are logged once, by the core (aligner/training/rewards.py);
     ``logps/chosen`` and ``logps/rejected`` are the policy's mean summed log-probs.
     """
     sections = [loss_section(plugins, name, config) for name in plugins.losses]

@@ -16,7 +16,7 @@ group alone. So every run ends explicitly, whatever its exit code, in this order
    is elsewhere, e.g. still in a collective after a fault, cannot be mismatched with
    it), bounded by :data:`WAIT_S` (at most ``train.dist_timeout_s``) so that a dead
    peer costs a bounded wait, not a hang; then the closers that must outlive every
-   rank's work (the job lock, aligner/joblock.py);
+   rank's work (the job lock, aligner/training/joblock.py);
 3. ``torch.distributed.destroy_process_group()`` on every rank, rank 0 last: rank 0
    hosts the store, so it waits (bounded) until the others have left before it
    destroys the group and exits.
