@@ -18,8 +18,6 @@ from typing import Any
 
 import yaml
 
-from aligner.hookspecs import DEFAULT_LOGGERS, DEFAULT_LOSS
-
 
 class ConfigError(ValueError):
     """The run config is wrong; the message names the key or file and the fix."""
@@ -265,6 +263,12 @@ class ExportConfig:
         if self.hub_model_id is not None and not _REPO_ID.match(self.hub_model_id):
             raise ConfigError(f"export.hub_model_id must be <user or org>/<name> (letters, digits, '-', '_', '.'), "
                               f"got {self.hub_model_id!r}; e.g. my-org/my-model")
+
+
+#: The loss a run gets when ``--plugins`` (and the config's ``plugins``) name none.
+DEFAULT_LOSS = "dpo"
+#: The loggers a run gets when the config has no ``report_to`` (``report_to: none`` for no logger).
+DEFAULT_LOGGERS = ("tensorboard",)
 
 
 @dataclass

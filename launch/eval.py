@@ -27,7 +27,7 @@ from aligner.data.synthetic import gold_reward
 from aligner.evaluation.generate import generate
 from aligner.evaluation.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
 from aligner.evaluation.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
-from aligner.models import loading
+from aligner.models import ModelError, loading
 from aligner.scoring.logps import score_pairs
 
 
@@ -83,7 +83,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     model, model_path = load(args.model, "--model", args.revision)
     anchor, anchor_path = load(args.anchor, "--anchor", args.revision)
     if model.config.vocab_size != anchor.config.vocab_size:
-        raise loading.ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
+        raise ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
                                 f"--model {model_path} has {model.config.vocab_size}; they must share the tokenizer")
     tokenizer = loading.load_tokenizer(model_path)
     rows = load_rows(args.data, args.split, keys=("--split", "subset"))
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args)
-    except (loading.ModelError, DataError) as exc:
+    except (ModelError, DataError) as exc:
         print(f"eval: error: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)

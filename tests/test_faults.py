@@ -182,10 +182,10 @@ def test_resume_from_a_half_written_or_missing_folder_is_refused(tmp_path):
 
 def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, tiny_tokenizer):
     from aligner.data import embedded
-    from aligner.models import loading
+    from aligner.models import ModelError, loading
 
     embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(tmp_path)
-    with pytest.raises(loading.ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
+    with pytest.raises(ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
         loading.load_tokenizer(tmp_path)
 
 

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from aligner.config import build_config
-from aligner.models import hub, loading
+from aligner.models import ModelError, hub, loading
 from aligner.tools import estimate
 from conftest import launch, read_scalars
 
@@ -50,14 +50,14 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_and_loads_through_from_pretrai
 
 def test_a_revision_picks_its_snapshot_and_an_unknown_one_names_the_fetch_command(hf_home):
     assert loading.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v1").name == TAGGED
-    with pytest.raises(loading.ModelError, match=r"model tiny-org/tiny-llama at revision v9 is not in the Hugging Face "
+    with pytest.raises(ModelError, match=r"model tiny-org/tiny-llama at revision v9 is not in the Hugging Face "
                                                 r"cache .*HF_HUB_OFFLINE=1 forbids downloading it.*"
                                                 r"`hf download tiny-org/tiny-llama --revision v9`"):
         loading.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v9")
 
 
 def test_a_model_missing_offline_names_the_id_and_the_command(hf_home):
-    with pytest.raises(loading.ModelError, match=r"model.reference_path: model someorg/absent is not in the Hugging Face "
+    with pytest.raises(ModelError, match=r"model.reference_path: model someorg/absent is not in the Hugging Face "
                                                 r"cache .*`hf download someorg/absent`"):
         loading.resolve_path("someorg/absent", "model.reference_path")
 
@@ -66,7 +66,7 @@ def test_a_snapshot_without_config_json_is_refused(hf_home, tmp_path):
     (tmp_path / "weights-only").mkdir()
     (tmp_path / "weights-only" / "README.md").write_text("x")
     hub_layout(hf_home, "tiny-org/no-config", tmp_path / "weights-only")
-    with pytest.raises(loading.ModelError, match=r"the snapshot of tiny-org/no-config .* has no config.json"):
+    with pytest.raises(ModelError, match=r"the snapshot of tiny-org/no-config .* has no config.json"):
         loading.resolve_path("tiny-org/no-config", "model.name_or_path")
 
 
@@ -80,10 +80,10 @@ def test_model_tokenizer_and_chat_template_override_the_policys(hf_home, tmp_pat
         assert tok.chat_template == template
         assert tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "[user]a"
     cfg = build_config({"model": {"chat_template": str(tmp_path / "missing.jinja")}})
-    with pytest.raises(loading.ModelError, match=r"model.chat_template: .*missing.jinja is neither a file nor a Jinja template"):
+    with pytest.raises(ModelError, match=r"model.chat_template: .*missing.jinja is neither a file nor a Jinja template"):
         loading.run_tokenizer(cfg, random_model_dir)
     cfg = build_config({"model": {"tokenizer": "someorg/absent-tokenizer"}})
-    with pytest.raises(loading.ModelError, match=r"model.tokenizer: model someorg/absent-tokenizer is not in the Hugging Face cache"):
+    with pytest.raises(ModelError, match=r"model.tokenizer: model someorg/absent-tokenizer is not in the Hugging Face cache"):
         loading.run_tokenizer(cfg, random_model_dir)
 
 

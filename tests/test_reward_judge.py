@@ -99,7 +99,7 @@ def test_a_reward_model_with_several_outputs_or_no_config_is_refused(tmp_path, t
 def test_eval_reward_model_refuses_a_run_without_eval_data_and_a_bad_model(tmp_path, reward_model_dir, tiny_tokenizer):
     from aligner.config import ConfigError, build_config
     from aligner.evaluation.reward_eval import RewardJudge
-    from aligner.models.loading import ModelError
+    from aligner.models import ModelError
 
     cfg = build_config({"data": {"eval": None}, "eval": {"reward_model": str(reward_model_dir)}})
     with pytest.raises(ConfigError, match="eval.reward_model judges generations on data.eval's prompts, but data.eval is null"):

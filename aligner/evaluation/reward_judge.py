@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from aligner.data import DataError
-from aligner.models.loading import ModelError
+from aligner.models import ModelError
 
 
 def check_reward_model(name_or_path: str, flag: str = "--reward-model") -> None:

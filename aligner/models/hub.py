@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+from aligner.models import ModelError
+
 #: Files a repository may hold that training never reads.
 IGNORE = ["original/*", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite",
           "*.mlmodel", "coreml/*", "onnx/*"]
@@ -51,8 +53,6 @@ def snapshot(repo_id: str, key: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
-
-    from aligner.models.loading import ModelError
 
     at = f" at revision {revision}" if revision else ""
     try:

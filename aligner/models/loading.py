@@ -23,11 +23,8 @@ import torch
 
 from aligner.config import RunConfig
 from aligner.data import embedded
+from aligner.models import ModelError, hub
 from aligner.scoring import attention
-
-
-class ModelError(ValueError):
-    """A model or tokenizer path is wrong; the message names the config key and the fix."""
 
 
 def free_port() -> int:
@@ -82,8 +79,6 @@ def resolve_path(name_or_path: str, key: str, revision: str | None = None) -> Pa
 
 
 def _resolve(name_or_path: str, key: str, revision: str | None) -> Path:
-    from aligner.models import hub
-
     if embedded.is_embedded(name_or_path):
         try:
             return embedded.ensure_embedded_model(name_or_path)

@@ -25,7 +25,7 @@ from aligner.evaluation.eval import evaluate
 from aligner.evaluation.report import plots as report_plots
 from aligner.evaluation.reward_eval import RewardJudge
 from aligner.hookspecs import DatasetSummary, Engines, RunStart, RunSummary
-from aligner.models import loading
+from aligner.models import ModelError, loading
 from aligner.models.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
 from aligner.publishing import card
 from aligner.publishing.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
@@ -43,7 +43,7 @@ log = logging.getLogger("aligner")
 MAX_SKIPPED_PER_STEP = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 #: Errors a user can fix (exit 2): raised on one rank, they are shared with the others (aligner/distributed/lockstep.py).
-USER_ERRORS = (ConfigError, PluginError, DataError, loading.ModelError, PluginHookError,
+USER_ERRORS = (ConfigError, PluginError, DataError, ModelError, PluginHookError,
                static_logps.StaticCacheError, checkpoint.CheckpointError, LoggerError, joblock.LockError)
 
 

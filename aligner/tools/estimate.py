@@ -619,7 +619,7 @@ def to_json(est: Estimate, gpu_mem_gib: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from aligner.config import ConfigError
-    from aligner.models.loading import ModelError
+    from aligner.models import ModelError
     from aligner.registry import PluginError, PluginHookError
 
     args = parse_args(argv)
