@@ -82,7 +82,7 @@ class ModelConfig:
     dtype: str = "auto"
     #: ``auto`` (packed runs: aligner's varlen attention, on flash-attn, torch's varlen_attn or SDPA per segment,
     #: whichever passes the start-up self-check first; padded runs: sdpa), ``sdpa``, ``eager``,
-    #: ``flash_attention_2``, ``varlen`` (aligner/scoring/attention.py).
+    #: ``flash_attention_2``, ``varlen`` (aligner/models/attention.py).
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     #: Only when you trust the checkpoint's code: it runs Python shipped with the model.

@@ -9,7 +9,7 @@ a row with its error, and the next phase runs. A phase that the time left (``--b
 hold is skipped with that reason. The rows:
 
 1. ``environment``: torch, CUDA, the GPU and its compute capability, flash-attn's import (or its error), the
-   ``varlen_attn`` signature, the kernel each dtype gets (:func:`aligner.scoring.attention.choose_kernel`) and what its
+   ``varlen_attn`` signature, the kernel each dtype gets (:func:`aligner.models.attention.choose_kernel`) and what its
    self-check costs.
 2. ``kernel parity``: Llama-3-8B attention shapes (hidden 4096, 32 query / 8 key-value heads, head dim 128;
    2 layers, a small MLP and vocabulary), bf16, padded / packed / prefix-shared batches, each available kernel,
@@ -77,12 +77,12 @@ def parity_examples(vocab: int, lengths: list[tuple[int, int, int]], seed: int =
 
 def kernel_parity(config: dict, kernels: list, device, examples: list) -> list[dict]:
     """Per layout and kernel: log-probs and gradients of a bf16 model against the same weights in fp32 on padded
-    SDPA. ``kernels``: :class:`aligner.scoring.attention.Kernel` objects (the detected ones; a test's stand-ins)."""
+    SDPA. ``kernels``: :class:`aligner.models.attention.Kernel` objects (the detected ones; a test's stand-ins)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aligner.data import collate_pairs, pack_pairs, pack_prefix_shared
-    from aligner.scoring import attention
+    from aligner.models import attention
     from aligner.scoring.logps import batch_logps
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def phase_environment() -> dict:
 
     import torch
 
-    from aligner.scoring import attention
+    from aligner.models import attention
     from aligner.scoring.batch_path import attention_shape
 
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
@@ -164,7 +164,7 @@ def phase_environment() -> dict:
 def phase_kernel_parity() -> dict:
     import torch
 
-    from aligner.scoring import attention
+    from aligner.models import attention
 
     if not torch.cuda.is_available():
         return {"status": "no GPU"}

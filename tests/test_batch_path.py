@@ -3,7 +3,7 @@
 import pytest
 
 from aligner.config import ConfigError, build_config
-from aligner.scoring import attention
+from aligner.models import attention
 from aligner.scoring.batch_path import BatchPath, decide, head_problem
 
 

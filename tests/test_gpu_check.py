@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 from kernel_standins import FLASH, top_left_flash_standin  # noqa: E402
 
-from aligner.scoring import attention  # noqa: E402
+from aligner.models import attention  # noqa: E402
 
 SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
          "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 128}

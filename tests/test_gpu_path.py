@@ -12,8 +12,7 @@ import torch
 
 from aligner.config import ConfigError, build_config
 from aligner.data import Example, collate_pairs, pack_pairs, pack_prefix_shared
-from aligner.models import loading
-from aligner.scoring import attention
+from aligner.models import attention, loading
 from aligner.scoring.batch_path import decide, resolve_dtype
 from aligner.scoring.logps import batch_logps
 from aligner.training import nonfinite

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aligner.data import Example, PackedBatch, PaddedBatch, collate_pairs, make_collate, pack_pairs, real_tokens
-from aligner.scoring import attention
+from aligner.models import attention
 from aligner.scoring.logps import batch_logps
 
 MAX_LENGTH = 64

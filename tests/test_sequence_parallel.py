@@ -13,8 +13,8 @@ import torch
 
 from aligner.config import ConfigError
 from aligner.data import Example, pack_pairs, pack_prefix_shared
+from aligner.models import attention
 from aligner.recipes.train import configure
-from aligner.scoring import attention
 from aligner.scoring.logps import _picked_logps, chunked_token_logps
 from aligner.scoring.sequence_parallel import Layout, current, head_problem, layout_for, shard, shard_collate
 from aligner.tools import estimate
@@ -67,8 +67,8 @@ def test_the_padding_changes_no_real_tokens_logits(random_model_dir, examples, p
     length = batch.input_ids.shape[1]
     padded = batch.extended(3, PAD)
     with torch.no_grad():
-        plain = model(**batch.model_inputs(model)).logits
-        extended = model(**padded.model_inputs(model)).logits
+        plain = model(**attention.model_inputs(model, batch)).logits
+        extended = model(**attention.model_inputs(model, padded)).logits
     assert extended.shape[1] == length + 3
     assert torch.allclose(plain, extended[:, :length], atol=1e-6, rtol=0)
 

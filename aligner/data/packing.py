@@ -6,7 +6,7 @@ restarting at 0 for every sequence. Attention must stay inside each sequence:
 
 - ``aligner_varlen`` (what ``model.attn_implementation: auto`` picks for packed
   runs without flash-attn), flash-attn: ``cu_seqlens`` and ``max_seqlen`` give the
-  sequence boundaries directly (:mod:`aligner.scoring.attention`: PyTorch's
+  sequence boundaries directly (:mod:`aligner.models.attention`: PyTorch's
   ``varlen_attn`` on GPU, causal SDPA per sequence on CPU).
 - ``sdpa``/``eager`` chosen by name: transformers reads the restarting
   ``position_ids`` and builds a block-diagonal causal mask over the whole row

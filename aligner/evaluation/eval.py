@@ -8,31 +8,16 @@ means over the split, not averages of batch means.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from aligner.data import Example, UnpairedExample, make_collate
+from aligner.data.sampler import shard_batches
 from aligner.evaluation.regression import likelihood_margins, preference_flips
 from aligner.hookspecs import Engines, SequenceLogps, StepInputs
 from aligner.models.plan import ModelPlan, make_plan
 from aligner.scoring import sequence_parallel
 from aligner.training.step import gather_inputs, total_loss
-
-
-def shard_batches(examples: list[Example], batch_size: int, rank: int, world: int) -> list[tuple[list[Example], int]]:
-    """This rank's batches and how many of each are real. Every rank gets the same number of
-    batches (ZeRO-3 forwards are collective), the short ones padded by repeating an example."""
-    shard = examples[rank::world]
-    per_rank = math.ceil(len(examples) / world)
-    n_batches = math.ceil(per_rank / batch_size)
-    out = []
-    for b in range(n_batches):
-        real = shard[b * batch_size:(b + 1) * batch_size]
-        filler = [examples[0]] * (batch_size - len(real)) if len(real) < batch_size else []
-        out.append((real + filler, len(real)))
-    return out
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Models: loading them and wrapping them in DeepSpeed engines, the plan of which models a run holds, the Hub, LoRA."""
+"""Models: loading them and wrapping them in DeepSpeed engines, their attention function, the plan of which models a
+run holds, the Hub, LoRA."""
 
 
 class ModelError(ValueError):

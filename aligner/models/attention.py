@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from aligner.data.batch import Batch, PackedBatch, PrefixSharedBatch
+
 VARLEN = "aligner_varlen"
 #: attention implementations that read ``cu_seq_lens_*`` instead of a mask for packed batches
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3", VARLEN)
@@ -313,6 +315,17 @@ def _no_mask(device: torch.device) -> dict:
     (``masking_utils._preprocess_mask_arguments``), which skips its packed-sequence detection (a host sync per
     forward); the function reads the segment bounds and never this mask."""
     return {"attention_mask": torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)}
+
+
+def model_inputs(model, batch: Batch) -> dict:
+    """The forward kwargs of ``batch`` for ``model``: its layout's (tokens, and positions or a mask), plus what
+    this model's attention reads of the batch's segments (:meth:`Batch.segments`: packed or prefix-shared)."""
+    segments = batch.segments()
+    if isinstance(segments, PrefixSharedBatch):
+        return {**batch.model_inputs(), **prefix_shared_kwargs(model, segments)}
+    if isinstance(segments, PackedBatch):
+        return {**batch.model_inputs(), **varlen_kwargs(model, segments)}
+    return batch.model_inputs()
 
 
 def varlen_kwargs(model, batch) -> dict:

@@ -23,8 +23,7 @@ import torch
 
 from aligner.config import RunConfig
 from aligner.data import embedded
-from aligner.models import ModelError, hub
-from aligner.scoring import attention
+from aligner.models import ModelError, attention, hub
 
 
 def free_port() -> int:

@@ -25,13 +25,13 @@ from aligner.evaluation.eval import evaluate
 from aligner.evaluation.report import plots as report_plots
 from aligner.evaluation.reward_eval import RewardJudge
 from aligner.hookspecs import DatasetSummary, Engines, RunStart, RunSummary
-from aligner.models import ModelError, loading
+from aligner.models import ModelError, attention, loading
 from aligner.models.plan import POLICY_INITIAL, ModelPlan, make_plan, write_plan
 from aligner.publishing import card
 from aligner.publishing.push import EXIT_PUSH_FAILED, PushError, push_to_hub, warn_if_push_cannot_work
 from aligner.registry import (ActivePlugins, PluginError, PluginHookError, activate, inactive_sections,
                               list_plugins_table, logger_names)
-from aligner.scoring import attention, batch_path, sequence_parallel, static_logps
+from aligner.scoring import batch_path, sequence_parallel, static_logps
 from aligner.training import checkpoint, joblock, nonfinite, perf, preempt, teardown
 from aligner.training.loggers import LoggerError, Loggers
 from aligner.training.logging import StepMetrics, progress_bar, reduce_mean

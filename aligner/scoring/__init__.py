@@ -1,1 +1,1 @@
-"""Scoring: the attention kernels, the log-probs of a batch (chunked or full), sequence parallelism, cached scores."""
+"""Scoring: the log-probs of a batch (chunked or full), the path a run scores on, sequence parallelism, cached scores."""

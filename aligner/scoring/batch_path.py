@@ -18,7 +18,7 @@ bfloat16`` (also under ``"batch_path"`` in ``output_dir/plan.json``). The rules,
   (``config.final_logit_softcapping``, ``logit_scale``): otherwise full logits;
 - the kernel under this project's attention function: on a GPU the first of flash-attn, torch's ``varlen_attn``
   and SDPA per segment that takes the run's dtype and passes its start-up self-check
-  (:func:`aligner.scoring.attention.choose_kernel`); on the CPU, SDPA per segment;
+  (:func:`aligner.models.attention.choose_kernel`); on the CPU, SDPA per segment;
 - ``flash_attention_2`` named by the user takes fp16/bf16 only: with float32 weights the run is refused here,
   before any engine is built.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from aligner.scoring import attention
+from aligner.models import attention
 from aligner.scoring.logps import logits_transform, scoring_head_problem
 
 
@@ -45,7 +45,7 @@ class BatchPath:
     """What a run's batches are, how they are scored, and in which dtype.
 
     :param attn_implementation: the transformers attention implementation the models load with.
-    :param kernel: the kernel under :data:`aligner.scoring.attention.VARLEN` (:data:`aligner.scoring.attention.KERNELS`); for an
+    :param kernel: the kernel under :data:`aligner.models.attention.VARLEN` (:data:`aligner.models.attention.KERNELS`); for an
         implementation of transformers' own, its name.
     :param dtype: the run's dtype (``model.dtype`` resolved): the policy's weights, and what every forward runs in.
     :param fallbacks: one reason per step back from the requested path.
@@ -126,7 +126,7 @@ def decide(cfg, model_config, paired: bool, kl_pairs: bool, cuda: bool | None = 
            kernels: list[attention.Kernel] | None = None) -> BatchPath:
     """The run's :class:`BatchPath` from the requested switches (``cfg.train``, ``cfg.model``), the policy's HF
     config, the data (``paired``) and the plugins' inputs (``kl_pairs``), on this machine (``cuda``: detected when
-    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.scoring.attention.detect_kernels`)."""
+    None; ``kernels``: the GPU kernel candidates, default :func:`aligner.models.attention.detect_kernels`)."""
     from aligner.config import ConfigError
 
     t, requested_attn = cfg.train, cfg.model.attn_implementation

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from aligner.config import ConfigError
 from aligner.data.batch import Batch
+from aligner.models import attention
 
 if TYPE_CHECKING:
     from aligner.hookspecs import SequenceLogps
@@ -190,9 +191,9 @@ def batch_logps(model, batch: Batch, chunk_tokens: int = 0) -> tuple[torch.Tenso
     n_seqs = batch.n_sequences
     if chunk_tokens:
         with _scoring_head(model, positions, targets, chunk_tokens):
-            token_logps = model(**batch.model_inputs(model)).logits  # (M,) fp32
+            token_logps = model(**attention.model_inputs(model, batch)).logits  # (M,) fp32
     else:
-        logits = model(**batch.model_inputs(model)).logits  # (N, T, V): every position, the model's dtype
+        logits = model(**attention.model_inputs(model, batch)).logits  # (N, T, V): every position, the model's dtype
         token_logps = _picked_logps(logits.flatten(0, 1)[positions], targets)  # (M,)
     summed = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n_seqs, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))

@@ -17,7 +17,7 @@ What aligner adds, and why each part is exact:
   world), and the policy and the reference are partitioned alike, so the trust-region update on the local
   shards (aligner/reference/trust_region.py) stays exact. DeepSpeed counts world/N data-parallel ranks for the batch
   size (the ``mpu`` handed to ``deepspeed.initialize``); how it averages gradients is the last point below.
-- **The core attention is aligner's** (aligner/scoring/attention.py). The rank's row is a contiguous slice of the
+- **The core attention is aligner's** (aligner/models/attention.py). The rank's row is a contiguous slice of the
   whole packed row. The forward kwargs that describe attention (``cu_seq_lens``, and for prefix-shared rows the
   key gather index) describe the *whole* row, because the core attention runs on the whole row after the
   first all-to-all. So a rejected token sees the prompt and never chosen, whichever rank holds either.
@@ -73,8 +73,7 @@ import torch.distributed as dist
 from aligner.config import ConfigError
 from aligner.data.batch import Batch
 from aligner.distributed.comm import comm_device
-from aligner.models import loading
-from aligner.scoring import attention
+from aligner.models import attention, loading
 
 #: Core attention implementations DeepSpeed's wrapper can run a packed row through: they read the sequence
 #: bounds from ``cu_seq_lens`` (aligner's own; flash-attn's), not from a mask the wrapper drops.
@@ -295,9 +294,13 @@ class ShardedBatch(Batch):
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if torch.is_tensor(getattr(self, f.name))}
         return replace(self, **moved, whole=self.whole.to(device))
 
-    def model_inputs(self, model) -> dict:
-        """The whole row's forward kwargs (its attention metadata), with this rank's tokens and positions."""
-        return {**self.whole.model_inputs(model), "input_ids": self.input_ids, "position_ids": self.position_ids}
+    def model_inputs(self) -> dict:
+        """The whole row's forward kwargs, with this rank's tokens and positions."""
+        return {**self.whole.model_inputs(), "input_ids": self.input_ids, "position_ids": self.position_ids}
+
+    def segments(self) -> Batch:
+        """The whole row: the attention gets its segment bounds unchanged."""
+        return self.whole
 
     def score_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.positions, self.targets, self.owner

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.data import Example
+from aligner.data.sampler import shard_batches
 from aligner.hookspecs import SequenceLogps
 from aligner.scoring.logps import score_pairs
 
@@ -188,7 +189,6 @@ def _check_digests(cache: StaticLogps, splits: dict[str, list[Example]], path: P
 def _compute(engine, examples: list[Example], split: str, batch_size: int, pad_token_id: int,
              chunk_tokens: int = 0, collate: Callable | None = None) -> dict:
     """This rank's share of ``examples`` through ``engine``, gathered onto every rank."""
-    from aligner.evaluation.eval import shard_batches
     from aligner.scoring.sequence_parallel import data_parallel
 
     rank, world = data_parallel()  # the ranks that share a sequence score the same examples (alike: a dict merges them)

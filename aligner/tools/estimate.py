@@ -450,7 +450,7 @@ def head_bytes(tokens: int, shape: ModelShape, d: int, chunk_tokens: int, grad: 
 
 def _policy_forward(est: Estimate, cfg) -> None:
     """Activations of the policy's forward+backward at the configured lengths, its logits, the eval forward."""
-    from aligner.scoring import attention
+    from aligner.models import attention
 
     shape, d, chunk = est.shape, _bytes(cfg.model.dtype), cfg.train.logps_chunk_tokens
     B, L, sp = cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.sequence_parallel
