@@ -252,9 +252,10 @@ CASES: list[Case] = [
 
 # -- in-process checks (CI) -------------------------------------------------------------------------------------
 def in_process(case: Case, tmp: Path) -> tuple[int, str]:
-    """(exit code, what the user reads) of ``case`` without a launched process: through ``aligner.recipes.train.main`` for
-    config errors, or through the same functions the recipe calls up to the failing stage, the exception mapped to
+    """(exit code, what the user reads) of ``case`` without a launched process: through ``aligner.recipes.train.main``
+    for config errors, or through the same functions the recipe calls up to the failing stage, the exception mapped to
     its exit code as ``main`` maps it."""
+    from aligner.models.loading import run_tokenizer
     from aligner.models.plan import make_plan
     from aligner.recipes import train
     from aligner.tools import estimate
@@ -278,7 +279,7 @@ def in_process(case: Case, tmp: Path) -> tuple[int, str]:
         else:
             paths = train.model_paths(cfg, make_plan(cfg, plugins))
             if case.stage == "data":
-                train.load_examples(train.models.run_tokenizer(cfg, paths["policy"]), cfg, plugins)
+                train.load_examples(run_tokenizer(cfg, paths["policy"]), cfg, plugins)
     except train.USER_ERRORS + (train.RunError,) as exc:
         return 2, f"aligner: error: {exc}"
     finally:

@@ -20,6 +20,8 @@ from aligner.distributed.comm import backend_device_type
 from aligner.models.loading import free_port
 from collective_sites import sites
 
+pytestmark = pytest.mark.subprocess  # the module's fixture spawns the 2 ranks
+
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, str]:

@@ -147,6 +147,7 @@ def test_a_stale_cache_stops_the_run_with_a_clear_error(runs, tmp_path):
     assert "delete" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_missing_anchor_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--plugins", "dpo,flipguard", "--set",
                            f"output_dir={tmp_path}", f"flipguard.anchor_path={tmp_path / 'nowhere'}"],

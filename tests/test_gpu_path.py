@@ -234,6 +234,7 @@ def test_an_offloaded_optimizer_steps_on_deepspeed_cpu_adam_where_its_op_loads()
     assert on_gpu["optimizer"]["params"]["torch_adam"] is True
 
 
+@pytest.mark.subprocess
 def test_a_cpu_adam_op_that_cannot_build_is_the_reason_for_the_fallback(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
     proc = subprocess.run([sys.executable, "-c", "from aligner.models.loading import host_adam_problem; print(host_adam_problem())"],

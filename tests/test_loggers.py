@@ -71,6 +71,7 @@ def test_a_section_of_a_logger_not_in_report_to_says_to_add_it_there():
         build_config({"kto": {"beta": 0.1}}, {}, inactive_sections(activate(["dpo"])))
 
 
+@pytest.mark.subprocess
 def test_no_logger_library_is_imported_unless_the_run_chooses_it():
     code = ("import sys, argparse; from aligner.recipes.train import configure; from aligner.registry import list_plugins_table; "
             "list_plugins_table(); "

@@ -49,6 +49,7 @@ def test_merge_lora_without_lora_is_refused():
         config("export.merge_lora=true")
 
 
+@pytest.mark.subprocess
 def test_a_wrong_lora_key_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path}",
                            "model.lora.dropout=1.5"], capture_output=True, text=True, timeout=120)

@@ -99,12 +99,14 @@ def test_existing_run_is_not_overwritten_without_resume_or_overwrite(dpo_run):
     assert "already holds checkpoints (step_40); pass --resume auto" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_list_plugins_from_the_console_script():
     exe = Path(sys.executable).with_name("aligner-train")
     proc = subprocess.run([str(exe), "--list-plugins"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "dpo" in proc.stdout and "loss" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_missing_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path}",
                            f"model.name_or_path={tmp_path / 'nowhere'}"], capture_output=True, text=True, timeout=120)
@@ -129,6 +131,7 @@ def test_report_writes_plots_and_a_summary_of_the_run(dpo_run, tmp_path):
     assert "Trained to step 40" in summary
 
 
+@pytest.mark.subprocess
 def test_report_of_a_folder_without_event_files_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/report.py"), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

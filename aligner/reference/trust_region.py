@@ -87,7 +87,8 @@ def _reference_storage(name: str, ref: torch.nn.Parameter) -> torch.Tensor:
     if storage.dtype != torch.float32:
         raise TrustRegionError(
             f"reference parameter {name} is {storage.dtype}; a reference update needs an fp32 reference "
-            f"(bf16 loses small-α updates to rounding). Build the reference with models.build_frozen_engine(..., fp32=True)"
+            f"(bf16 loses small-α updates to rounding). Build the reference with "
+            f"aligner.models.loading.build_frozen_engine(..., fp32=True)"
         )
     return storage
 
