@@ -1,6 +1,7 @@
-# Two commands on a fresh machine:
+# On a fresh machine:
 #   make run    set up .venv and train the embedded tiny DPO run (2 ZeRO-3 ranks; CPU/gloo when no GPU)
 #   make test   set up .venv and run the whole test suite
+#   make test-fast  the unit and in-process tests only (no slow launcher runs, no subprocess runs): under 3 minutes
 #   make docs   build the documentation site into site/ (mkdocs.yml, docs/)
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ NPROC ?= 2
 TORCH_SPEC ?= torch==2.13.0
 RUN_ARGS ?= --config configs/tiny-cpu.yaml --plugins dpo
 
-.PHONY: setup run test docs
+.PHONY: setup run test test-fast docs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +26,9 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not subprocess" tests
 
 docs: setup
 	$(BIN)/mkdocs build --strict

@@ -18,8 +18,6 @@ from typing import Any
 
 import yaml
 
-from aligner.hookspecs import DEFAULT_LOGGERS, DEFAULT_LOSS
-
 
 class ConfigError(ValueError):
     """The run config is wrong; the message names the key or file and the fix."""
@@ -31,7 +29,7 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class LoraSection:
-    """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/lora.py)."""
+    """``model.lora``: train LoRA adapters (peft) instead of the full weights (aligner/models/lora.py)."""
 
     r: int = 8  #: the adapters' rank (>= 1)
     alpha: float = 16.0  #: LoRA's α (> 0): the update is (α/r)·B·A
@@ -43,7 +41,7 @@ class LoraSection:
     #: ``[lm_head]``); not with a reference-update plugin.
     modules_to_save: list[str] | None = None
     #: The rank (>= r) of the reference adapter that a reference-update plugin moves; ``null`` =
-    #: 2·r (aligner/lora.py).
+    #: 2·r (aligner/models/lora.py).
     reference_rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -82,13 +80,13 @@ class ModelConfig:
     #: A Jinja chat template (the template text, or the path of a file holding it) that replaces the tokenizer's.
     chat_template: str | None = None
     #: ``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32`` or ``bfloat16`` (training
-    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/batch_path.py). The resolved dtype is in the
+    #: precision; bf16 keeps DeepSpeed's fp32 master weights) (aligner/scoring/batch_path.py). The resolved dtype is in the
     #: ``batch path:`` log line and ``plan.json``.
     dtype: str = "auto"
     #: ``auto`` (packed runs: ``varlen``, aligner's attention, on the kernel the start-up self-check picks:
     #: flash-attn, then PyTorch's ``varlen_attn``, then SDPA per segment on GPU; SDPA per segment on CPU; padded
     #: runs: sdpa; soft-capped attention (Gemma-2): eager, padded), ``sdpa``, ``eager``, ``flash_attention_2``
-    #: (bf16 only), ``varlen`` (aligner/attention.py).
+    #: (bf16 only), ``varlen`` (aligner/models/attention.py).
     attn_implementation: str = "auto"
     #: Recompute the policy's decoder layers in the backward pass (less activation memory, ~1/3 more compute).
     gradient_checkpointing: bool = False
@@ -197,23 +195,23 @@ class TrainConfig:
     #: once, in a pre-pass over the eval split and the train examples the run's steps will draw (a short run scores
     #: only its own steps' pairs; a resumed or longer one adds what it lacks), cache them under
     #: ``output_dir/static_logps`` (reused on resume when the weights' fingerprint matches) and drop their engines
-    #: (aligner/static_logps.py): a plain DPO run then runs no reference forward during its steps. Not for unpaired
+    #: (aligner/scoring/static_logps.py): a plain DPO run then runs no reference forward during its steps. Not for unpaired
     #: data, and the reference stays live when the loss needs it on mismatched pairs (a KTO-style loss, ``kl_pairs``).
     cache_static_logps: bool = True
     #: Pack each micro-batch's chosen and rejected sequences into one row without padding (aligner/data/packing.py).
     #: Positions restart per sequence (attention per sequence: SDPA on each sequence's slice on CPU, varlen kernels
     #: on GPU). Unpaired (KTO-style) batches stay padded, except under ``train.sequence_parallel`` > 1, which packs
     #: them too; a run that cannot pack falls back to padded batches and says why in its ``batch path:`` log line
-    #: (aligner/batch_path.py).
+    #: (aligner/scoring/batch_path.py).
     packing: bool = True
     #: With packing, lay each pair out as [prompt, chosen, rejected] and compute the shared prompt once (exact;
     #: aligner/data/packing.py). Needs ``model.attn_implementation`` ``auto`` or ``varlen``, else the run packs
     #: unshared and says so (``batch path:`` log line).
     prefix_sharing: bool = True
     #: Score only response tokens, this many at a time, from the hidden states and the LM head, so the
-    #: (tokens x vocab) fp32 logits are never held at once (aligner/logps.py); 0 = full logits (the naive path).
+    #: (tokens x vocab) fp32 logits are never held at once (aligner/scoring/logps.py); 0 = full logits (the naive path).
     #: A model that transforms its logits after the head (softcapping, ``logit_scale``, a head that is not a plain
-    #: ``Linear``) is scored with full logits and the run says so (aligner/batch_path.py).
+    #: ``Linear``) is scored with full logits and the run says so (aligner/scoring/batch_path.py).
     logps_chunk_tokens: int = 1024
     #: Deal each micro-step's pairs to the ranks by length (longest first, snake-wise), so ranks carry equal
     #: tokens; the pairs of every step, the determinism and the exact resume are unchanged (aligner/data/sampler.py).
@@ -226,10 +224,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     #: Seconds a collective may wait for another rank before the job fails (gloo/NCCL timeout).
     dist_timeout_s: int = 1800
-    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/joblock.py)
+    #: With ``--resume auto``, seconds to wait for another job that holds ``output_dir`` (its lock, aligner/training/joblock.py)
     #: to finish, e.g. a preempted job still saving when the scheduler relaunches; other runs are refused at once.
     lock_wait_s: float = 600.0
-    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/sequence_parallel.py):
+    #: Ranks that share each packed row (DeepSpeed's Ulysses sequence parallelism, aligner/scoring/sequence_parallel.py):
     #: world / N data-parallel groups draw the data; each rank holds 1/N of every row's tokens. 1 = off. N must
     #: divide the number of ranks and the model's head counts.
     sequence_parallel: int = 1
@@ -253,7 +251,7 @@ class EvalConfig:
     every: int = 0  #: evaluate every N optimizer steps (0: only before training and at the end)
     batch_size: int = 16  #: preference pairs per rank per eval micro-batch
     #: A reward model (folder or Hub ID, ``AutoModelForSequenceClassification``) that judges the policy's greedy
-    #: generations on ``data.eval``'s prompts against the policy's before training (aligner/reward_eval.py).
+    #: generations on ``data.eval``'s prompts against the policy's before training (aligner/evaluation/reward_eval.py).
     reward_model: str | None = None
     reward_epsilon: float = 0.0  #: a negative flip when R(x, y_pre) − R(x, y_θ) > this
     reward_max_new_tokens: int = 64  #: generation length for the reward-model judge
@@ -290,6 +288,12 @@ class ExportConfig:
         if self.hub_model_id is not None and not _REPO_ID.match(self.hub_model_id):
             raise ConfigError(f"export.hub_model_id must be <user or org>/<name> (letters, digits, '-', '_', '.'), "
                               f"got {self.hub_model_id!r}; e.g. my-org/my-model")
+
+
+#: The loss a run gets when ``--plugins`` (and the config's ``plugins``) name none.
+DEFAULT_LOSS = "dpo"
+#: The loggers a run gets when the config has no ``report_to`` (``report_to: none`` for no logger).
+DEFAULT_LOGGERS = ("tensorboard",)
 
 
 @dataclass

@@ -8,7 +8,7 @@ argument added here breaks no plugin.
 Every plugin implements :func:`aligner_plugin_info`, and usually
 :func:`aligner_config_section` and :func:`aligner_required_models`. Then, by role:
 
-- ``loss`` (at least one per run; ``dpo`` when none is named): :func:`aligner_loss`.
+- ``loss`` (at least one per run; :data:`aligner.config.DEFAULT_LOSS` when none is named): :func:`aligner_loss`.
   Each loss's options inherit :class:`LossConfig`, whose ``weight`` the core
   multiplies the loss's term by; ``train/loss`` is the weighted sum of the loss
   terms plus the constraints' terms. A loss that takes unpaired data or needs
@@ -16,7 +16,7 @@ Every plugin implements :func:`aligner_plugin_info`, and usually
 - ``constraint`` (any number): :func:`aligner_constraint`.
 - ``reference_update`` (at most one): :func:`aligner_after_optimizer_step`.
 - ``logger`` (any number, named in the config's ``report_to``, not in ``--plugins``;
-  :data:`DEFAULT_LOGGERS` when the config names none): :func:`aligner_log`, and
+  :data:`aligner.config.DEFAULT_LOGGERS` when the config names none): :func:`aligner_log`, and
   usually :func:`aligner_logger_start`, :func:`aligner_log_final` and
   :func:`aligner_logger_close`. Every logger hook is called on rank 0 only. A
   logger that raises in :func:`aligner_log`, :func:`aligner_log_final` or
@@ -69,10 +69,6 @@ ROLES = ("loss", "constraint", "reference_update", "logger")
 #: The hook each role must implement; a plugin without it is refused when it is activated.
 REQUIRED_HOOKS = {"loss": "aligner_loss", "constraint": "aligner_constraint",
                   "reference_update": "aligner_after_optimizer_step", "logger": "aligner_log"}
-#: The loss a run gets when ``--plugins`` (and the config's ``plugins``) name none.
-DEFAULT_LOSS = "dpo"
-#: The loggers a run gets when the config has no ``report_to`` (``report_to: none`` for no logger).
-DEFAULT_LOGGERS = ("tensorboard",)
 MODELS = ("reference", "anchor")
 #: Optional inputs a plugin may ask for in :func:`aligner_required_inputs`:
 #: ``"unpaired"``: it can train and evaluate on unpaired data (rows ``prompt``,
@@ -199,7 +195,7 @@ class LossOutput:
         and ``rewards/accuracies`` (share of pairs with chosen > rejected).
 
         When the run has a reference model the core logs ``rewards/*`` itself, from the DPO-form implicit
-        reward (:mod:`aligner.rewards`), and a loss's own ``rewards/*`` tags are dropped: a loss with a
+        reward (:mod:`aligner.training.rewards`), and a loss's own ``rewards/*`` tags are dropped: a loss with a
         reference returns ``LossOutput(losses.mean())`` and logs any other reward under its own prefix."""
         chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
         return cls(loss=losses.mean(), metrics={
@@ -260,7 +256,7 @@ class Engines:
     or the same object when no reference-update plugin is active. A model whose
     log-probs come from the static cache (``train.cache_static_logps``: the anchor,
     and the reference while nothing moves it) has no engine during the steps. Under ``model.lora`` a reference or
-    anchor that is the initial policy is an :class:`aligner.lora.PolicyView`: the policy engine run with its
+    anchor that is the initial policy is an :class:`aligner.models.lora.PolicyView`: the policy engine run with its
     adapters off (or with the moved reference adapter), callable like an engine, with the same ``module``."""
 
     policy: Any
@@ -353,10 +349,10 @@ def aligner_loss(inputs: StepInputs, config: RunConfig) -> LossOutput:
     it by ``<section>.weight``, see :class:`LossConfig`, and logs it as
     ``<plugin name>/loss``) and its metrics, under the plugin's own prefix. The
     core logs ``rewards/*`` once for all losses (DPO-form implicit reward, see
-    :mod:`aligner.rewards`) whenever a reference model is present.
+    :mod:`aligner.training.rewards`) whenever a reference model is present.
 
     The core calls each active loss plugin's implementation on its own, in
-    ``--plugins`` order (``aligner/step.py``), and adds the constraints' terms.
+    ``--plugins`` order (``aligner/training/step.py``), and adds the constraints' terms.
     """
 
 

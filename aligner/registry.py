@@ -20,7 +20,8 @@ from typing import Any
 import pluggy
 
 from aligner import hookspecs
-from aligner.hookspecs import API_VERSION, DEFAULT_LOGGERS, DEFAULT_LOSS, REQUIRED_HOOKS, ROLES, PluginInfo
+from aligner.config import DEFAULT_LOGGERS, DEFAULT_LOSS
+from aligner.hookspecs import API_VERSION, REQUIRED_HOOKS, ROLES, PluginInfo
 
 GROUP = "aligner.plugins"
 __all__ = ["DEFAULT_LOGGERS", "DEFAULT_LOSS", "GROUP", "ActivePlugins", "PluginError", "PluginHookError", "activate",

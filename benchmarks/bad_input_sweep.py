@@ -89,7 +89,7 @@ def sets(*items: str) -> Callable[[Path], list[str]]:
 
 
 def checkpoint_folder(tmp: Path, step: int = 2, marker: bool = True) -> Path:
-    from aligner import checkpoint
+    from aligner.training import checkpoint
 
     folder = tmp / "out" / "checkpoints" / f"step_{step}"
     write(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", b"shard bytes")
@@ -101,7 +101,7 @@ def checkpoint_folder(tmp: Path, step: int = 2, marker: bool = True) -> Path:
 
 
 def embedded_model_dir() -> str:
-    from aligner import embedded
+    from aligner.data import embedded
 
     return str(embedded.ensure_embedded_model("embedded:tiny-sort"))
 
@@ -252,11 +252,14 @@ CASES: list[Case] = [
 
 # -- in-process checks (CI) -------------------------------------------------------------------------------------
 def in_process(case: Case, tmp: Path) -> tuple[int, str]:
-    """(exit code, what the user reads) of ``case`` without a launched process: through ``aligner.train.main`` for
-    config errors, or through the same functions the recipe calls up to the failing stage, the exception mapped to
+    """(exit code, what the user reads) of ``case`` without a launched process: through ``aligner.recipes.train.main``
+    for config errors, or through the same functions the recipe calls up to the failing stage, the exception mapped to
     its exit code as ``main`` maps it."""
-    from aligner import estimate, teardown, train
-    from aligner.plan import make_plan
+    from aligner.models.loading import run_tokenizer
+    from aligner.models.plan import make_plan
+    from aligner.recipes import train
+    from aligner.tools import estimate
+    from aligner.training import teardown
 
     argv = case.argv(tmp)
     err = io.StringIO()
@@ -276,7 +279,7 @@ def in_process(case: Case, tmp: Path) -> tuple[int, str]:
         else:
             paths = train.model_paths(cfg, make_plan(cfg, plugins))
             if case.stage == "data":
-                train.load_examples(train.models.run_tokenizer(cfg, paths["policy"]), cfg, plugins)
+                train.load_examples(run_tokenizer(cfg, paths["policy"]), cfg, plugins)
     except train.USER_ERRORS + (train.RunError,) as exc:
         return 2, f"aligner: error: {exc}"
     finally:
@@ -300,12 +303,12 @@ def _env() -> dict[str, str]:
 
 
 def _command(case: Case, argv: list[str]) -> list[str]:
-    from aligner.launcher import deepspeed_command
+    from aligner.training.launcher import deepspeed_command
 
     if case.tool == "eval":
         return [sys.executable, str(ROOT / "launch" / "eval.py"), *argv]
     if case.tool == "estimate":
-        return [sys.executable, "-m", "aligner.estimate", *argv]
+        return [sys.executable, "-m", "aligner.tools.estimate", *argv]
     if case.tool == "train2":
         return deepspeed_command(argv, 2)
     return [sys.executable, str(ROOT / "launch" / "train.py"), *argv]
@@ -316,7 +319,7 @@ def _ctrl_c(case: Case, tmp: Path, timeout: float) -> tuple[int | None, str]:
     the ranks), once training has saved step_2. The exit code is the ``deepspeed`` command's, which DeepSpeed's runner
     decides (it has no SIGINT handler: killed by SIGINT, -2 here and 130 in a shell; 1 when its node launcher's exit
     is seen first); the ranks' stop line is the message judged, once every process of the job is gone."""
-    from aligner.launcher import deepspeed_command
+    from aligner.training.launcher import deepspeed_command
 
     argv = [*case.argv(tmp), "train.save_every=2"]
     log = tmp / "job.log"

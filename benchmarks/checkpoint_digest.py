@@ -4,7 +4,7 @@ Two measurements, side by side in one run:
 
 1. **The CPU yardstick** (benchmarks/workload.py ``CPU``, 19M parameters): a real 2-rank
    ZeRO-3 run that saves after every step. Each save logs its wall time and the part spent
-   digesting (``saved checkpoint …: … in T s, of which D s digesting``, aligner/checkpoint.py);
+   digesting (``saved checkpoint …: … in T s, of which D s digesting``, aligner/training/checkpoint.py);
    the table gives their medians. Then BLAKE2b and xxh3 are timed over that run's last
    checkpoint's files, read from the page cache as during a save.
 2. **1 GiB**: one fp32 tensor of 1 GiB written with ``torch.save`` and fsynced (what a save
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
 from results_md import command_line, write_section  # noqa: E402
 
-from aligner import checkpoint  # noqa: E402
-from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.training import checkpoint  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = re.compile(r"saved checkpoint \S+: ([\d,]+) bytes \([\d.]+ MiB\) in ([\d.]+) s, of which ([\d.]+) s digesting")

@@ -3,13 +3,13 @@
 The crash (``terminate called without an active exception`` at exit, exit code 250 =
 SIGABRT through DeepSpeed's launcher) was a teardown race: first seen on the clean
 path, then on the error paths, where each rank left the process group alone.
-aligner/teardown.py now ends every path the same way. This loop is the evidence:
+aligner/training/teardown.py now ends every path the same way. This loop is the evidence:
 each case is one exit path of the embedded config, a few steps, started through the
 DeepSpeed launcher while ``--load`` busy processes compete for the cores:
 
 - ``clean``: ``--plugins simpo``, a checkpoint and the export; exit 0;
 - ``data-error``: a mixture entry with a negative fraction, refused on every rank
-  (aligner/lockstep.py shares it); exit 2;
+  (aligner/distributed/lockstep.py shares it); exit 2;
 - ``rank0-error``: ``output_dir`` under a regular file, which only rank 0 checks; exit 2;
 - ``nonfinite``: a NaN loss on rank 1 at step 2 (tests/plugin_fixtures/faults.py); exit 3;
 - ``preempted``: SIGUSR1 to rank 1 after step 2: the checkpoint, then exit 5.

@@ -9,7 +9,7 @@ a row with its error, and the next phase runs. A phase that the time left (``--b
 hold is skipped with that reason. The rows:
 
 1. ``environment``: torch, CUDA, the GPU and its compute capability, flash-attn's import (or its error), the
-   ``varlen_attn`` signature, the kernel each dtype gets (:func:`aligner.attention.choose_kernel`) and what its
+   ``varlen_attn`` signature, the kernel each dtype gets (:func:`aligner.models.attention.choose_kernel`) and what its
    self-check costs.
 2. ``kernel parity``: Llama-3-8B attention shapes (hidden 4096, 32 query / 8 key-value heads, head dim 128;
    2 layers, a small MLP and vocabulary), bf16, padded / packed / prefix-shared batches, each available kernel,
@@ -77,13 +77,13 @@ def parity_examples(vocab: int, lengths: list[tuple[int, int, int]], seed: int =
 
 def kernel_parity(config: dict, kernels: list, device, examples: list) -> list[dict]:
     """Per layout and kernel: log-probs and gradients of a bf16 model against the same weights in fp32 on padded
-    SDPA. ``kernels``: :class:`aligner.attention.Kernel` objects (the detected ones; a test's stand-ins)."""
+    SDPA. ``kernels``: :class:`aligner.models.attention.Kernel` objects (the detected ones; a test's stand-ins)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner import attention
     from aligner.data import collate_pairs, pack_pairs, pack_prefix_shared
-    from aligner.logps import batch_logps
+    from aligner.models import attention
+    from aligner.scoring.logps import batch_logps
 
     torch.manual_seed(0)
     reference = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=False, attn_implementation="sdpa"))
@@ -127,8 +127,8 @@ def phase_environment() -> dict:
 
     import torch
 
-    from aligner import attention
-    from aligner.batch_path import attention_shape
+    from aligner.models import attention
+    from aligner.scoring.batch_path import attention_shape
 
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
     for name in ("transformers", "deepspeed", "peft", "datasets"):
@@ -164,7 +164,7 @@ def phase_environment() -> dict:
 def phase_kernel_parity() -> dict:
     import torch
 
-    from aligner import attention
+    from aligner.models import attention
 
     if not torch.cuda.is_available():
         return {"status": "no GPU"}
@@ -190,8 +190,8 @@ RUNS = [
 def launched_run(name: str, plugins: str, sets: list[str], check: tuple[str, float], nproc: int, work: Path,
                  timeout: float) -> dict:
     """One 5-step run of the embedded tiny config through the DeepSpeed launcher; its step-1 loss and batch path."""
-    from aligner.launcher import deepspeed_command
-    from aligner.report import read_scalars
+    from aligner.evaluation.report import read_scalars
+    from aligner.training.launcher import deepspeed_command
 
     out = work / name.split(" ")[0].replace(",", "+")
     args = ["--config", "configs/tiny-cpu.yaml", "--plugins", plugins, "--set", "train.max_steps=5",

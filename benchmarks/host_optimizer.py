@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from aligner.models import host_adam_problem
+    from aligner.models.loading import host_adam_problem
 
     problem = host_adam_problem()
     if problem:

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from results_md import command_line, free_port, write_section  # noqa: E402
 import workload  # noqa: E402
 
-from aligner.launcher import deepspeed_command  # noqa: E402
-from aligner.report import read_scalars  # noqa: E402
+from aligner.evaluation.report import read_scalars  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 
 ROWS = {
     "full": ["train.cache_static_logps=false"],
@@ -69,7 +69,7 @@ def aligner_sets(args, row: str, work: Path, spec: workload.Workload) -> list[st
 
 
 def estimated_gib(sets: list[str]) -> float:
-    from aligner import estimate
+    from aligner.tools import estimate
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -3,7 +3,7 @@
 A real LoRA DPO training trajectory on the embedded tiny Llama (one process, plain torch AdamW, no DeepSpeed:
 the rule is per layer and independent of the engine). Every ``--every`` steps the reference moves twice:
 
-- by aligner's rule (aligner/lora_trust_region.py): the stacked factors [αB, (1−α)B_r]·[A; A_r] recompressed to
+- by aligner's rule (aligner/reference/lora_trust_region.py): the stacked factors [αB, (1−α)B_r]·[A; A_r] recompressed to
   rank R (QR + SVD, exact while the rank fits);
 - exactly: ΔW_ref ← α·s·B·A + (1−α)·ΔW_ref, dense, per layer, in float64.
 
@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aligner import embedded, lora  # noqa: E402
 from aligner.config import LoraSection  # noqa: E402
+from aligner.data import embedded  # noqa: E402
 from aligner.data import collate_pairs, load_rows, tokenize_dataset  # noqa: E402
-from aligner.logps import batch_logps  # noqa: E402
-from aligner.lora_trust_region import _factors, _layers, mixed_factors  # noqa: E402
+from aligner.models import lora
+from aligner.reference.lora_trust_region import _factors, _layers, mixed_factors  # noqa: E402
+from aligner.scoring.logps import batch_logps  # noqa: E402
 from benchmarks.results_md import command_line, write_section  # noqa: E402
 
 

@@ -56,13 +56,13 @@ def two_nodes(out: Path, hostfile: Path, *extra: str) -> list[subprocess.Complet
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
-    from aligner.report import read_scalars
+    from aligner.evaluation.report import read_scalars
 
     return read_scalars(out / "tensorboard")["train/loss"]
 
 
 def checkpoints(out: Path) -> str:
-    from aligner import checkpoint
+    from aligner.training import checkpoint
 
     return ", ".join(p.name for p in checkpoint.list_checkpoints(out)) or "none"
 

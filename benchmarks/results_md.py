@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from aligner.models import free_port  # noqa: F401  (re-exported for the scripts)
+from aligner.models.loading import free_port  # noqa: F401  (re-exported for the scripts)
 
 
 def write_section(path: Path, name: str, text: str) -> None:

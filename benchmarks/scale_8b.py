@@ -32,7 +32,7 @@ def chosen_plugins() -> str:
 
 
 def shape_dict(layers: int) -> dict:
-    from aligner.estimate import BUILTIN_SHAPES
+    from aligner.tools.estimate import BUILTIN_SHAPES
 
     return {**BUILTIN_SHAPES["llama3-8b"], "num_hidden_layers": layers}
 
@@ -43,7 +43,7 @@ def write_model(path: Path, layers: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner import embedded
+    from aligner.data import embedded
 
     conf = {k: v for k, v in shape_dict(layers).items() if k != "model_type"}
     config = LlamaConfig(**conf, pad_token_id=0, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
@@ -81,8 +81,8 @@ def write_data(path: Path, pairs: int, tokens: int) -> None:
 
 
 def estimate_for(config: str, plugins: str, layers: int, gpus: int, overrides: list[str]):
-    from aligner import estimate
-    from aligner.train import configure
+    from aligner.recipes.train import configure
+    from aligner.tools import estimate
 
     cfg, active = configure(argparse.Namespace(config=config, plugins=plugins, overrides=[overrides] if overrides else []))
     shape = estimate.ModelShape.from_dict(shape_dict(layers), f"llama3-8b with {layers} layers")
@@ -91,7 +91,7 @@ def estimate_for(config: str, plugins: str, layers: int, gpus: int, overrides: l
 
 def fit_layers(config: str, plugins: str, gpu_mem_gib: float, host_mem_gib: float, overrides: list[str]) -> int:
     """The largest layer count (32 down to 1) whose estimate fits one GPU and the host memory given."""
-    from aligner.estimate import GIB
+    from aligner.tools.estimate import GIB
 
     for layers in range(32, 0, -1):
         est = estimate_for(config, plugins, layers, 1, overrides)
@@ -101,7 +101,7 @@ def fit_layers(config: str, plugins: str, gpu_mem_gib: float, host_mem_gib: floa
 
 
 def summarize(out: Path, config: str, plugins: str, layers: int, overrides: list[str]) -> str:
-    from aligner.estimate import GIB
+    from aligner.tools.estimate import GIB
 
     record = json.loads((out / "rss_rank0.json").read_text())
     one = estimate_for(config, plugins, layers, 1, overrides)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "fit":
         print(fit_layers(args.config, args.plugins, args.gpu_mem_gib, args.host_mem_gib, args.overrides))
     elif args.cmd == "estimate":
-        from aligner.estimate import format_estimate
+        from aligner.tools.estimate import format_estimate
 
         print(format_estimate(estimate_for(args.config, args.plugins, args.layers, args.gpus, args.overrides), args.gpu_mem_gib))
     else:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # plugin_fixtures
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md, beside this script
 from results_md import write_section  # noqa: E402
 
-from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 
 #: name -> (hidden, intermediate, layers, heads, kv heads); the byte-level embedded tokenizer (259 tokens).
 SIZES = {
@@ -52,7 +52,7 @@ def write_checkpoint(path: Path, size: str, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner import embedded
+    from aligner.data import embedded
 
     if (path / "config.json").is_file():
         return
@@ -86,7 +86,7 @@ def write_config(path: Path, model: Path, reference: Path | None, data: Path, mi
 
 
 def predict(config: Path, plugins: str, ranks: int) -> dict:
-    from aligner import estimate
+    from aligner.tools import estimate
 
     args = estimate.parse_args(["--config", str(config), "--plugins", plugins, "--gpus", str(ranks), "--device", "cpu"])
     est = estimate.run_estimate(args)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # workload, results_md, rss_probe beside this script
 from results_md import command_line, write_section  # noqa: E402
 
-from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 
 STEPS = 3
 
@@ -74,14 +74,14 @@ def write_config(path: Path, model: Path, data: Path, length: int, sp: int) -> N
 
 def predict(config: Path, ranks: int, device: str) -> float:
     """aligner-estimate's peak per rank (GiB) for ``config`` on ``ranks`` ranks."""
-    from aligner import estimate
+    from aligner.tools import estimate
 
     est = estimate.run_estimate(estimate.parse_args(["--config", str(config), "--gpus", str(ranks), "--device", device]))
     return est.peak / estimate.GIB
 
 
 def measure(config: Path, ranks: int, out: Path, timeout: int, device: str = "cpu") -> dict:
-    from aligner.report import read_scalars
+    from aligner.evaluation.report import read_scalars
 
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

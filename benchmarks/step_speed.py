@@ -58,8 +58,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from results_md import command_line, free_port, write_section  # noqa: E402
 
-from aligner.launcher import deepspeed_command  # noqa: E402
-from aligner.report import read_scalars  # noqa: E402
+from aligner.evaluation.report import read_scalars  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 import workload  # noqa: E402
 
 CHUNK_TOKENS = 1024

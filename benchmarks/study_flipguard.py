@@ -56,7 +56,7 @@ from results_md import command_line, write_section  # noqa: E402
 import numpy as np  # noqa: E402
 
 import study_stats as stats  # noqa: E402
-from aligner.report import read_scalars  # noqa: E402
+from aligner.evaluation.report import read_scalars  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PLUGINS = {"dpo": "dpo", "dpo+flipguard": "dpo,flipguard", "dpo+tr_soft+flipguard": "dpo,tr_soft,flipguard"}

@@ -65,11 +65,11 @@ import torch  # noqa: E402
 
 import study_stats as stats  # noqa: E402
 import study_tr_task as task  # noqa: E402
-from aligner import embedded  # noqa: E402
+from aligner.data import embedded  # noqa: E402
 from aligner.data import collate_pairs  # noqa: E402
 from aligner.data.synthetic import sft_rows  # noqa: E402
 from aligner.data.tokenize import Example  # noqa: E402
-from aligner.generate import generate  # noqa: E402
+from aligner.evaluation.generate import generate  # noqa: E402
 from aligner.registry import available_plugins  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

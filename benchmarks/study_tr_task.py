@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from aligner.data.synthetic import gold_reward, sft_rows
-from aligner.generate import generate
+from aligner.evaluation.generate import generate
 
 #: prompts of the training pairs; the held-out prompts of the study use another seed (study_tr.EVAL_PROMPT_SEED)
 TRAIN_PROMPT_SEED = 4242

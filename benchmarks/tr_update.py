@@ -6,11 +6,11 @@
     python benchmarks/tr_update.py --smoke --no-write  # the smallest model, 2 repeats: does it run?
 
 Both methods compute θ_ref ← α·θ + (1−α)·θ_ref on the same two engines, built with aligner's own builders
-(``aligner/models.py``): the policy is a ZeRO-3 training engine (one AdamW step taken on random tokens so that
-it differs from the reference), the reference an fp32 ZeRO-3 inference engine, as ``aligner/train.py``
+(``aligner/models/loading.py``): the policy is a ZeRO-3 training engine (one AdamW step taken on random tokens so that
+it differs from the reference), the reference an fp32 ZeRO-3 inference engine, as ``aligner/recipes/train.py``
 builds it when a reference-update plugin is active.
 
-- ``shard-local``: ``aligner.trust_region.mix_into_reference``, what the ``tr_soft``/``tr_hard`` plugins call:
+- ``shard-local``: ``aligner.reference.trust_region.mix_into_reference``, what the ``tr_soft``/``tr_hard`` plugins call:
   each rank mixes its own partitions (``param.ds_tensor``) from the policy's fp32 master partition; no
   communication.
 - ``gathered``: the way TRL's ``SyncRefModelCallback`` syncs under ZeRO-3: every parameter of the policy and
@@ -45,7 +45,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # results_md, beside this script
 from results_md import write_section  # noqa: E402
 
-from aligner.launcher import deepspeed_command  # noqa: E402
+from aligner.training.launcher import deepspeed_command  # noqa: E402
 
 # Model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings).
 SHAPES = {
@@ -132,18 +132,19 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from aligner import models, trust_region
     from aligner.hookspecs import Engines
+    from aligner.models import loading
+    from aligner.reference import trust_region
 
-    models.init_distributed()
+    loading.init_distributed()
     rank = dist.get_rank()
     cfg = _run_config(args)
-    policy_conf = models.deepspeed_config(cfg)
-    policy = models.build_policy_engine(args.model_dir, cfg, policy_conf)
-    reference = models.build_frozen_engine(args.model_dir, cfg, models.frozen_deepspeed_config(policy_conf, fp32=True),
+    policy_conf = loading.deepspeed_config(cfg)
+    policy = loading.build_policy_engine(args.model_dir, cfg, policy_conf)
+    reference = loading.build_frozen_engine(args.model_dir, cfg, loading.frozen_deepspeed_config(policy_conf, fp32=True),
                                            fp32=True)
     engines = Engines(policy=policy, reference=reference, anchor=None)
-    dev = models.device()
+    dev = loading.device()
 
     # One real optimizer step so that the policy differs from the reference.
     torch.manual_seed(1 + rank)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{shlex.join(['python', 'benchmarks/tr_update.py', *argv])}`",
             "",
             f"Random-init Llama, {n_params / 1e6:.1f}M parameters ({shape}); policy: ZeRO-3 training engine "
-            f"({result['policy_dtype']}), reference: fp32 ZeRO-3 inference engine, both from `aligner/models.py`; "
+            f"({result['policy_dtype']}), reference: fp32 ZeRO-3 inference engine, both from `aligner/models/loading.py`; "
             f"{result['world_size']} ranks on {result['device']}; α = {args.alpha}; {args.warmup} untimed + "
             f"{args.repeats} timed repeats per method, interleaved; time = the slowest rank's wall time of one update.",
             "",

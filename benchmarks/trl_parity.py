@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_aligner(case: tuple, model: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     """aligner, one rank, through launch/train.py; per-step train/loss and rewards/* from its TensorBoard."""
-    from aligner.report import read_scalars
+    from aligner.evaluation.report import read_scalars
 
     plugins, overrides = case[0], case[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -130,11 +130,11 @@ def largest_difference(a: list[float], b: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aligner import models
     from aligner.data.synthetic import make_rows
+    from aligner.models import loading
 
     names = list(CASES) if not args.cases else [n for n in CASES if n.split(" ")[0] in args.cases.split(",")]
-    model = str(models.resolve_path("embedded:tiny-sort", "model"))
+    model = str(loading.resolve_path("embedded:tiny-sort", "model"))
     work = Path(tempfile.mkdtemp(prefix="trl-parity-"))
     data = work / "rows.jsonl"
     rows = make_rows("train")[: args.steps * args.pairs]

@@ -2,13 +2,13 @@
 
     python launch/eval.py --model runs/x/final --anchor embedded:tiny-sort --data embedded:eval --out eval.json
 
-Prints and writes (json) what aligner/regression.py defines: on the preference
+Prints and writes (json) what aligner/evaluation/regression.py defines: on the preference
 pairs, the accuracy (log-likelihood margin > 0) of both models, the negative
 and positive flip rates and the mean margins; and, when every prompt is one of
 the embedded sort task, the generation judge: greedy responses of both models
 scored by the task's gold reward. With ``--reward-model`` (a folder or a Hub ID
 of an ``AutoModelForSequenceClassification``), the greedy responses to every
-prompt of any dataset are scored by that reward model (aligner/reward_judge.py):
+prompt of any dataset are scored by that reward model (aligner/evaluation/reward_judge.py):
 NFR, PFR (a negative flip when R(x, y_pre) − R(x, y_θ) > ``--epsilon``) and the
 mean rewards, and ``--scores-out`` gets the per-prompt responses and scores.
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from aligner import models
 from aligner.data import DataError, load_rows, tokenize_dataset
 from aligner.data.synthetic import gold_reward
-from aligner.generate import generate
-from aligner.logps import score_pairs
-from aligner.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
-from aligner.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
+from aligner.evaluation.generate import generate
+from aligner.evaluation.regression import generation_flips, likelihood_margins, preference_flips, reward_model_flips
+from aligner.evaluation.reward_judge import check_reward_model, generation_prompts, load_reward_model, score
+from aligner.models import ModelError, loading
+from aligner.scoring.logps import score_pairs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load(path_or_name: str, flag: str, revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    path = models.resolve_path(path_or_name, flag, revision)
+    path = loading.resolve_path(path_or_name, flag, revision)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path
 
 
@@ -83,9 +83,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     model, model_path = load(args.model, "--model", args.revision)
     anchor, anchor_path = load(args.anchor, "--anchor", args.revision)
     if model.config.vocab_size != anchor.config.vocab_size:
-        raise models.ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
+        raise ModelError(f"--anchor: {anchor_path} has a vocabulary of {anchor.config.vocab_size} tokens but "
                                 f"--model {model_path} has {model.config.vocab_size}; they must share the tokenizer")
-    tokenizer = models.load_tokenizer(model_path)
+    tokenizer = loading.load_tokenizer(model_path)
     rows = load_rows(args.data, args.split, keys=("--split", "subset"))
     examples = tokenize_dataset(rows, tokenizer, args.max_length, None, "error", f"--data ({args.data})")
     pad = tokenizer.pad_token_id
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args)
-    except (models.ModelError, DataError) as exc:
+    except (ModelError, DataError) as exc:
         print(f"eval: error: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)

@@ -2,7 +2,7 @@
 
 import sys
 
-from aligner.report import main
+from aligner.evaluation.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ TRL's ``label_smoothing`` (default 0). Default β = 0.1 (TRL's
 ``DPOConfig.beta``). At the first step policy = reference, so u = v, d = 0 and
 L = ln 2 for every ε.
 
-Metrics: ``aot/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``aot/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``aot.beta``, ``aot.label_smoothing``, ``aot.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -15,7 +15,7 @@ each rank's micro-batch, as TRL's does per device. ε is TRL's
 ``label_smoothing`` (default 0). Default β = 0.1 (TRL's ``DPOConfig.beta``). At
 the first step policy = reference, so ρ = 0, d = 0 and L = ln 2 for every ε.
 
-Metrics: ``aot_unpaired/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``aot_unpaired/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``aot_unpaired.beta``, ``aot_unpaired.label_smoothing``, ``aot_unpaired.weight``
 (aligner.hookspecs.LossConfig).
 """

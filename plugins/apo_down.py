@@ -10,7 +10,7 @@ log-probs), APO-down lowers the chosen reward and lowers the rejected one more
 averaged over the micro-batch. Default β = 0.1 (TRL's ``DPOConfig.beta``). At
 the first step policy = reference, so r = 0 and L = 1.
 
-Metrics: ``apo_down/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``apo_down/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``apo_down.beta``, ``apo_down.weight`` (aligner.hookspecs.LossConfig).
 """
 

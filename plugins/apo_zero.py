@@ -11,7 +11,7 @@ model's own outputs):
 averaged over the micro-batch. Default β = 0.1 (TRL's ``DPOConfig.beta``). At
 the first step policy = reference, so r = 0 and L = 1.
 
-Metrics: ``apo_zero/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``apo_zero/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``apo_zero.beta``, ``apo_zero.weight`` (aligner.hookspecs.LossConfig).
 """
 

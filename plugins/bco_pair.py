@@ -12,7 +12,7 @@ mean of the rewards (its Eq. 9); TRL 1.16's ``bco_pair`` has no shift, and this
 plugin follows TRL. Default β = 0.1 (TRL's ``DPOConfig.beta``). At the first
 step policy = reference, so r = 0 and L = 2·ln 2 ≈ 1.3863.
 
-Metrics: ``bco_pair/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``bco_pair/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``bco_pair.beta``, ``bco_pair.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -11,7 +11,7 @@ averaged over the micro-batch. Defaults: β = 0.1 (TRL's ``DPOConfig.beta``)
 and τ = 0.05 (TRL's ``discopop_tau`` default, the paper's value). At the first
 step policy = reference, so m = 0 and L = ½·ln 2 + ½ ≈ 0.8466.
 
-Metrics: ``discopop/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``discopop/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``discopop.beta``, ``discopop.tau``, ``discopop.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -24,7 +24,7 @@ paper's and TRL's default), ε = 0. At the first step policy = reference, so
 m = 0 and L = ln 2 ≈ 0.6931.
 
 Metrics: ``dpo/loss`` (this term); the core logs TRL's ``rewards/*`` from r
-(aligner/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
+(aligner/training/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations

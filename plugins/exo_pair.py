@@ -14,7 +14,7 @@ recommends 1e-3 for EXO; this plugin's ``exo_pair.epsilon`` defaults to 1e-3.
 Default β = 0.1 (TRL's ``DPOConfig.beta``). At the first step policy =
 reference, so m = 0 and L = −ln 2 − ½·ln(ε·(1 − ε)) ≈ 2.7612 at ε = 1e-3.
 
-Metrics: ``exo_pair/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``exo_pair/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``exo_pair.beta``, ``exo_pair.epsilon``, ``exo_pair.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -68,8 +68,8 @@ from pathlib import Path
 
 import torch
 
-from aligner import hub
 from aligner.hookspecs import LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
+from aligner.models import hub
 
 NAME = "flipguard"
 TARGETS = ("chosen", "margin")

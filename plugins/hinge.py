@@ -12,7 +12,7 @@ Default β = 0.1, TRL's ``DPOConfig.beta`` default. At the first step
 policy = reference, so m = 0 and L = 1.
 
 Metrics: ``hinge/loss`` (this term); the core logs TRL's ``rewards/*`` from r
-(aligner/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
+(aligner/training/rewards.py). Options inherit ``weight`` (aligner.hookspecs.LossConfig).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ under this plugin's prefix: ``ipo/rewards/chosen`` and ``ipo/rewards/rejected``
 (mean β·ρ), ``ipo/rewards/margins`` (mean β·h), ``ipo/rewards/accuracies``
 (share with h > 0). TRL 1.16 logs ``rewards/*`` from the *summed* log-ratio
 β·(log π_θ − log π_ref) for every loss type, IPO included; the core logs
-exactly that (aligner/rewards.py). Options inherit ``weight``
+exactly that (aligner/training/rewards.py). Options inherit ``weight``
 (aligner.hookspecs.LossConfig).
 """
 

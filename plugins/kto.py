@@ -34,7 +34,7 @@ Metrics: ``kto/loss`` (this term) and ``kto/kl`` (z₀). The core logs
 ``rewards/chosen`` and ``rewards/rejected`` (mean β·ρ of the desirable and of
 the undesirable completions; NaN, i.e. not logged, for a micro-batch without
 one of them), ``rewards/margins`` (their difference) and
-``rewards/accuracies`` (paired data only), aligner/rewards.py. Options inherit
+``rewards/accuracies`` (paired data only), aligner/training/rewards.py. Options inherit
 ``weight`` (aligner.hookspecs.LossConfig).
 """
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aligner.comm import comm_device
+from aligner.distributed.comm import comm_device
 from aligner.hookspecs import DatasetSummary, LossConfig, LossOutput, PluginInfo, StepInputs, check_interval, hookimpl
 
 NAME = "kto"

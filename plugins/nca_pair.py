@@ -11,7 +11,7 @@ averaged over the micro-batch (the paper's pairwise NCA loss with K = 2).
 Default β = 0.1 (TRL's ``DPOConfig.beta``). At the first step policy =
 reference, so r = 0 and L = 2·ln 2 ≈ 1.3863.
 
-Metrics: ``nca_pair/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``nca_pair/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``nca_pair.beta``, ``nca_pair.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -4,7 +4,7 @@ From "Learn Your Reference Model for Real Good Alignment" (Gorbatovski et al.,
 2024, arXiv:2404.09656). ``tr_soft`` is the rule with α ∈ (0, 1] (the policy's
 weight), ``tr_hard`` the rule with α = 1 (θ_ref ← θ); the first update is at
 step τ, then 2τ, … (optimizer steps). The update itself runs on each rank's
-local ZeRO-3 shards, with no all-gather: :mod:`aligner.trust_region` holds those
+local ZeRO-3 shards, with no all-gather: :mod:`aligner.reference.trust_region` holds those
 engine operations (mix, distance, save and load of the shards), this module
 the plugin logic (when to update, the counter, the metrics, the checkpoint hooks).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aligner.hookspecs import Engines, hookimpl
-from aligner.trust_region import load_reference, mix_into_reference, relative_distance, save_reference
+from aligner.reference.trust_region import load_reference, mix_into_reference, relative_distance, save_reference
 
 PANELS = [("trust_region", "Trust region: reference-policy distance", ["tr/ref_policy_l2"])]
 

@@ -16,7 +16,7 @@ Defaults: β = 0.1 and ε = 0 (TRL's ``beta`` and ``label_smoothing``
 defaults; ε = 0 is plain DPO). At the first step policy = reference, so m = 0
 and L = ((1 − ε) − ε)·ln 2/(1 − 2ε) = ln 2 for every ε.
 
-Metrics: ``robust/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``robust/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``robust.beta``, ``robust.label_smoothing``, ``robust.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -13,7 +13,7 @@ trains with a much larger β, since the averaged log-ratio is ~|y| times
 smaller). At the first step policy = reference, so ρ̄ = 0 and L = ln 2.
 
 Metrics: ``sigmoid_norm/loss``; the core logs ``rewards/*`` from the summed
-log-ratio, as TRL does for every loss (aligner/rewards.py).
+log-ratio, as TRL does for every loss (aligner/training/rewards.py).
 Options: ``sigmoid_norm.beta``, ``sigmoid_norm.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -20,7 +20,7 @@ logs them for SimPO), ``rewards/chosen`` and ``rewards/rejected`` (mean r),
 ``rewards/margins`` (mean r(y_w) − r(y_l)), ``rewards/accuracies`` (share with
 r(y_w) > r(y_l)). Those ``rewards/*`` are this reference-free reward only in a
 run without a reference model; when another plugin brings a reference, the
-core's DPO-form ``rewards/*`` replace them (aligner/rewards.py).
+core's DPO-form ``rewards/*`` replace them (aligner/training/rewards.py).
 
 TRL 1.16's DPOTrainer ``loss_type="sigmoid_norm"`` is a different loss (DPO on
 per-token averaged log-ratios, with a reference): the ``sigmoid_norm`` plugin.

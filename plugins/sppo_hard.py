@@ -12,7 +12,7 @@ averaged over the micro-batch. Note the log-ratios are *not* multiplied by β
 (as in TRL). Default β = 0.1 (TRL's ``DPOConfig.beta``). At the first step
 policy = reference, so ρ = 0 and L = 2·(1/(2β))² = 1/(2β²) = 50 at β = 0.1.
 
-Metrics: ``sppo_hard/loss``; the core logs ``rewards/*`` (aligner/rewards.py).
+Metrics: ``sppo_hard/loss``; the core logs ``rewards/*`` (aligner/training/rewards.py).
 Options: ``sppo_hard.beta``, ``sppo_hard.weight`` (aligner.hookspecs.LossConfig).
 """
 

@@ -17,13 +17,13 @@ max length 1024, grad-norm clip 2); TRL's default τ is 512 too. Our default is
 τ = 512 (``tr_hard.every``). The embedded tiny run is far shorter than 512
 steps: ``configs/tiny-cpu-tr.yaml`` sets a small τ so that it does update.
 
-How: ``aligner.trust_region`` copies each rank's local ZeRO-3 partitions of the
+How: ``aligner.reference.trust_region`` copies each rank's local ZeRO-3 partitions of the
 policy's fp32 master weights into the fp32 reference, with no all-gather; the
 moved reference is written into every checkpoint and restored on resume.
 
 Under ``model.lora`` the reference is the base plus a frozen reference adapter
 (rank R ≥ r): the update copies the policy's factors (B_r ← [B, 0],
-A_r ← [A; 0]), which is exact (``aligner/lora_trust_region.py``).
+A_r ← [A; 0]), which is exact (``aligner/reference/lora_trust_region.py``).
 
 Metrics: ``tr/updates`` (updates so far) and ``tr/ref_policy_l2``
 (‖θ_ref − θ‖ / ‖θ‖ over all weights, after this step's update, on logged steps only: 0 at τ, 2τ, …).

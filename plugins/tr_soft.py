@@ -19,7 +19,7 @@ defaults since 2025 are α = 0.6 with τ = 512. Ours are the same, α = 0.6 and
 TRL's. The embedded tiny run is far shorter than 512 steps:
 ``configs/tiny-cpu-tr.yaml`` sets a small τ so that it does update.
 
-How: ``aligner.trust_region`` mixes each rank's local ZeRO-3 partitions, from
+How: ``aligner.reference.trust_region`` mixes each rank's local ZeRO-3 partitions, from
 the policy's fp32 master weights into an fp32 reference, with no all-gather;
 the moved reference is written into every checkpoint and restored on resume.
 
@@ -32,7 +32,7 @@ own engine; only the low-rank parts differ, so per adapted layer (scale s = α_l
 BA is not linear in (A, B): mixing A and B separately would be wrong. The
 mixture is exactly the stacked product [α·B, (1 − α)·B_r]·[A; A_r] of rank
 ≤ r + R, which is recompressed to rank R by a QR of each stacked factor and an
-SVD of the small (r + R)² core (``aligner/lora_trust_region.py``). That is
+SVD of the small (r + R)² core (``aligner/reference/lora_trust_region.py``). That is
 exact while the mixture's rank is ≤ R; past it, each update keeps the best
 rank-R approximation in the Frobenius norm (Eckart–Young): the singular values
 beyond the R-th are dropped, and that error compounds over updates while the

@@ -13,11 +13,13 @@ import torch.distributed as dist
 
 def sites() -> dict:
     """Name -> a call of one of aligner's collectives (every rank calls it)."""
-    from aligner import embedded, lora_trust_region, nonfinite
+    from aligner.data import embedded
     from aligner.hookspecs import Engines
-    from aligner.logging import reduce_mean
-    from aligner.perf import PerfMeter
-    from aligner.preempt import StopWatch
+    from aligner.reference import lora_trust_region
+    from aligner.training import nonfinite
+    from aligner.training.logging import reduce_mean
+    from aligner.training.perf import PerfMeter
+    from aligner.training.preempt import StopWatch
     from aligner_plugins.kto import kl_baseline
 
     linear = torch.nn.Linear(3, 3)

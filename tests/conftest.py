@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from aligner.launcher import deepspeed_command
-from aligner.models import free_port  # noqa: F401  (tests launch runs on free ports)
-from aligner.report import read_scalars  # noqa: F401  (tests read TensorBoard through the same reader as the report)
+from aligner.evaluation.report import read_scalars  # noqa: F401  (tests read TensorBoard through the same reader as the report)
+from aligner.models.loading import free_port  # noqa: F401  (tests launch runs on free ports)
+from aligner.training.launcher import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -58,7 +58,7 @@ def signalled(tmp_path_factory) -> dict:
     Shared by tests/test_faults.py (the stop and the exact resume) and tests/test_loggers_e2e.py: both runs
     report to every logger, and the resumed one pushes to the Hub with ``HF_HUB_OFFLINE=1`` (which fails, exit 6).
     """
-    from aligner import checkpoint
+    from aligner.training import checkpoint
 
     out = tmp_path_factory.mktemp("signalled")
     env = logger_env(out.parent / f"{out.name}-loggers")
@@ -73,7 +73,7 @@ def signalled(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from aligner import embedded
+    from aligner.data import embedded
 
     return embedded.build_tokenizer()
 
@@ -81,7 +81,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny random Llama saved with save_pretrained (with its tokenizer)."""
-    from aligner import embedded
+    from aligner.data import embedded
 
     path = tmp_path_factory.mktemp("random-model")
     embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(path)
@@ -102,7 +102,7 @@ def check_plan_against_estimate(out: Path, plugins: str | None = None, logs: str
 
     from deepspeed.accelerator import get_accelerator
 
-    from aligner import estimate
+    from aligner.tools import estimate
 
     get_accelerator()  # DeepSpeed prints its accelerator choice to stdout once per process: not into the JSON below
     written = json.loads((out / "plan.json").read_text())

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from aligner import attention
+from aligner.models import attention
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -141,7 +141,7 @@ def top_left_flash_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return torch.cat(out).to(q.dtype)
 
 
-#: The stand-ins as aligner's kernels (the adapters of aligner/attention.py around each signature).
+#: The stand-ins as aligner's kernels (the adapters of aligner/models/attention.py around each signature).
 FLASH = attention.Kernel("flash_attn_standin", attention._flash_attn_kernel(flash_attn_varlen_func_standin).run,
                          attention.HALF)
 TORCH_2_12 = dataclasses.replace(attention._torch_varlen_kernel(varlen_attn_2_12, gqa=True), name="torch_2_12_standin")

@@ -1,7 +1,7 @@
 """The sequence-parallel exactness scenarios, run one after another in one process: on one rank (``python``), or
 on N ranks under the DeepSpeed launcher with ``train.sequence_parallel: N`` (tests/test_sequence_parallel_e2e.py).
 
-Each scenario is a real training run through :class:`aligner.train.Recipe` (its setup, loop, saves, evals and
+Each scenario is a real training run through :class:`aligner.recipes.train.Recipe` (its setup, loop, saves, evals and
 export). The only addition: right before the policy engine's first optimizer step, every parameter's full
 gradient is read with DeepSpeed's ``safe_get_full_grad`` (a collective) and rank 0 saves them. The real
 ``step`` then runs.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from aligner import teardown, train
+from aligner.recipes import train
+from aligner.training import teardown
 
 COMMON = ["data.shuffle=false", "data.max_length=256", "train.max_steps=10", "train.micro_batch_size=2",
           "train.lr=5e-4", "train.lr_schedule=constant", "train.warmup_steps=0", "train.save_every=0",
@@ -44,7 +45,7 @@ SCENARIOS = {
 
 #: bad config -> (plugins, overrides): each must be refused before any engine is built ("KV3" is a model with
 #: 6 query and 3 key/value heads, which 2 ranks can neither split nor replicate). One refusal from the config
-#: alone (the world size; the others of aligner.sequence_parallel.check_config are decided in the same place and
+#: alone (the world size; the others of aligner.scoring.sequence_parallel.check_config are decided in the same place and
 #: tested in-process), and one that needs the model.
 REFUSED = {
     "world": ("dpo", ["train.sequence_parallel=3"]),

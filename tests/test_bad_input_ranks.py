@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner import train
+from aligner.recipes import train
 from conftest import ROOT, launch
 
 FAST = ["train.max_steps=2", "eval.every=0", "data.eval=null", "train.cache_static_logps=false"]
@@ -52,6 +52,7 @@ def test_an_error_on_one_rank_or_all_is_one_message_and_exit_2_on_two_ranks(tmp_
     assert "Traceback" not in text and "lost contact" not in text
 
 
+@pytest.mark.subprocess
 def test_resume_auto_in_a_folder_that_never_held_a_run_is_refused(tmp_path):
     """A typo in output_dir: exit 2 and one line, never a silent retrain from step 0 (a real single-rank process)."""
     out = tmp_path / "ouptut"

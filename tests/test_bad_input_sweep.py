@@ -2,7 +2,7 @@
 
 Each case is what a new user types; the check is what they read: the exit code, a message
 naming the problem, the file/row/key and the fix, and no traceback. Config errors go through
-``aligner.train.main`` itself; later ones through the same functions the recipe calls up to
+``aligner.recipes.train.main`` itself; later ones through the same functions the recipe calls up to
 the stage that refuses them (data, models, output_dir and checkpoints), and the eval and
 estimate tools through their ``main``. The cases that need real runs (signals, faults, two
 ranks, a second job) are run by the script, and several by tests/test_faults.py and

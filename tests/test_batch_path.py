@@ -1,10 +1,10 @@
-"""The batch path, decided once (aligner/batch_path.py): the fast path by default, and every fallback with its reason."""
+"""The batch path, decided once (aligner/scoring/batch_path.py): the fast path by default, and every fallback with its reason."""
 
 import pytest
 
-from aligner import attention
-from aligner.batch_path import BatchPath, decide, head_problem
 from aligner.config import ConfigError, build_config
+from aligner.models import attention
+from aligner.scoring.batch_path import BatchPath, decide, head_problem
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Model cards (aligner/card.py): Hugging Face metadata, the text, and citations read from the plugins' docstrings.
+"""Model cards (aligner/publishing/card.py): Hugging Face metadata, the text, and citations read from the plugins' docstrings.
 
 The cards of real exports are checked on the runs that wrote them: a full export in tests/test_loggers_e2e.py,
 a LoRA adapter and its merged model in tests/test_lora_e2e.py.
@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from aligner import card
 from aligner.config import build_config
+from aligner.publishing import card
 from aligner.registry import activate, available_plugins
 
 

@@ -1,4 +1,4 @@
-"""Verified checkpoints (aligner/checkpoint.py): the marker records each file's size and digest, and a resume checks
+"""Verified checkpoints (aligner/training/checkpoint.py): the marker records each file's size and digest, and a resume checks
 them first. Real files written by torch.save, a marker written by the same code as a save (one process).
 
 The end-to-end case (a real 2-rank checkpoint with a flipped byte, skipped by ``--resume auto``) is in
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligner import checkpoint
+from aligner.training import checkpoint
 
 SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 

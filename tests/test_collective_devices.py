@@ -1,4 +1,4 @@
-"""Every collective aligner issues puts its tensors on the device of the backend it goes through (aligner/comm.py).
+"""Every collective aligner issues puts its tensors on the device of the backend it goes through (aligner/distributed/comm.py).
 
 A process group initialised as ``cuda:gloo`` serves CUDA tensors only, as NCCL does: a CPU tensor handed to it
 raises "No backend type associated with device type cpu". On this CPU-only machine a site that asks for the
@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from aligner.comm import backend_device_type
-from aligner.models import free_port
+from aligner.distributed.comm import backend_device_type
+from aligner.models.loading import free_port
 from collective_sites import sites
+
+pytestmark = pytest.mark.subprocess  # the module's fixture spawns the 2 ranks
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_without_a_process_group_collectives_stay_on_the_cpu():
 
 
 def test_a_tensor_on_the_wrong_device_is_reported_as_the_cause_not_as_a_lost_peer():
-    from aligner.train import lost_peer
+    from aligner.recipes.train import lost_peer
 
     assert not lost_peer(RuntimeError("No backend type associated with device type cpu"))
     assert not lost_peer(RuntimeError("Tensor found on device cuda:0 but backend constrained to cuda:1"))

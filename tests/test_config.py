@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from aligner.config import ConfigError, apply_overrides, build_config, read_yaml
+from aligner.recipes.train import configure, parse_args
 from aligner.registry import activate
-from aligner.train import configure, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

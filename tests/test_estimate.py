@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aligner import estimate
-from aligner.train import configure
+from aligner.recipes.train import configure
+from aligner.tools import estimate
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -136,6 +136,7 @@ def test_cli_prints_the_breakdown_and_whether_it_fits(capsys):
     assert report["fits"] is False and report["peak_gib"] > 80
 
 
+@pytest.mark.subprocess
 def test_console_script_says_when_a_run_does_not_fit():
     exe = Path(sys.executable).with_name("aligner-estimate")
     proc = subprocess.run([str(exe), "--config", "configs/llama3-8b-zero3.yaml", "--gpus", "1", "--model-config", "llama3-8b"],
@@ -173,6 +174,7 @@ def test_a_config_json_without_llama_keys_is_a_clear_error(capsys, tmp_path):
     assert "no vocab_size, intermediate_size, num_hidden_layers, num_attention_heads" in err
 
 
+@pytest.mark.subprocess
 def test_scale_8b_script_parses_and_its_estimate_helpers_run(tmp_path, capsys):
     import scale_8b
 

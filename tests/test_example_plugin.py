@@ -24,6 +24,7 @@ def installed(tmp_path_factory):
     return {"PYTHONPATH": os.pathsep.join([str(site), os.environ["PYTHONPATH"]])}
 
 
+@pytest.mark.subprocess
 def test_installed_package_is_listed_with_its_distribution(installed):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--list-plugins"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **installed})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner import checkpoint
+from aligner.training import checkpoint
 from conftest import FAULT_PLUGINS as PLUGINS
 from conftest import FAULT_SHORT as SHORT
 from conftest import ROOT, free_port, launch, read_scalars
@@ -181,11 +181,12 @@ def test_resume_from_a_half_written_or_missing_folder_is_refused(tmp_path):
 
 
 def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, tiny_tokenizer):
-    from aligner import embedded, models
+    from aligner.data import embedded
+    from aligner.models import ModelError, loading
 
     embedded.build_model(len(tiny_tokenizer), seed=3).save_pretrained(tmp_path)
-    with pytest.raises(models.ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
-        models.load_tokenizer(tmp_path)
+    with pytest.raises(ModelError, match=r"(?s)has no usable tokenizer .*tokenizer.save_pretrained"):
+        loading.load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("key, value, problem", [
@@ -241,7 +242,7 @@ def test_a_file_size_limit_during_a_save_keeps_the_last_checkpoint_and_names_pat
 
 
 def _children(pid: int) -> list[int]:
-    from aligner.preempt import parent_of
+    from aligner.training.preempt import parent_of
 
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(int(p.name)) == pid]
 

@@ -102,7 +102,7 @@ def independent_regression(model_dir, anchor_dir, data_file):
 
 @pytest.mark.slow
 def test_eval_cli_matches_an_independent_computation(runs, tmp_path):
-    from aligner import embedded
+    from aligner.data import embedded
     from aligner.data.synthetic import make_rows
 
     data = tmp_path / "eval.jsonl"
@@ -147,6 +147,7 @@ def test_a_stale_cache_stops_the_run_with_a_clear_error(runs, tmp_path):
     assert "delete" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_missing_anchor_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--plugins", "dpo,flipguard", "--set",
                            f"output_dir={tmp_path}", f"flipguard.anchor_path={tmp_path / 'nowhere'}"],

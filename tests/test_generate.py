@@ -1,8 +1,8 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aligner import embedded
+from aligner.data import embedded
 from aligner.data.synthetic import make_rows
-from aligner.generate import generate
+from aligner.evaluation.generate import generate
 
 
 def load_sort_model():

@@ -4,6 +4,7 @@ a machine without a GPU runs the environment phase and skips the rest."""
 import json
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -12,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 from kernel_standins import FLASH, top_left_flash_standin  # noqa: E402
 
-from aligner import attention  # noqa: E402
+from aligner.models import attention  # noqa: E402
 
 SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
          "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 128}
@@ -31,6 +32,7 @@ def test_kernel_parity_passes_a_right_kernel_and_fails_a_top_left_one():
     assert attention.active_kernel() is attention.SDPA_SEGMENTS
 
 
+@pytest.mark.subprocess
 def test_the_driver_without_a_gpu_reports_the_environment_and_skips_every_gpu_phase(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--budget-s", "120"]) == 0
     results = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from aligner import attention, models, nonfinite
-from aligner.batch_path import decide, resolve_dtype
 from aligner.config import ConfigError, build_config
 from aligner.data import Example, collate_pairs, pack_pairs, pack_prefix_shared
-from aligner.logps import batch_logps
+from aligner.models import attention, loading
+from aligner.scoring.batch_path import decide, resolve_dtype
+from aligner.scoring.logps import batch_logps
+from aligner.training import nonfinite
 from kernel_standins import FLASH, TORCH_2_9, TORCH_2_10, TORCH_2_12, top_left_flash_standin
 
 CPU = torch.device("cpu")
@@ -143,7 +144,7 @@ def _run(path_dir, llama_config, dtype: str, layout: str, cuda: bool, weights: s
     cfg = build_config({"model": {"dtype": dtype}, "train": {**train, "logps_chunk_tokens": 0}})
     path = decide(cfg, llama_config, True, False, cuda=cuda, kernels=[FLASH])
     cfg = path.apply(cfg)
-    model = models.load_model(path_dir, cfg, weights)
+    model = loading.load_model(path_dir, cfg, weights)
     return path, model, collate
 
 
@@ -226,16 +227,17 @@ def test_the_gradient_check_allocates_nothing_the_size_of_the_gradients():
 
 def test_an_offloaded_optimizer_steps_on_deepspeed_cpu_adam_where_its_op_loads():
     offload = build_config({"train": {"offload_optimizer": True}})
-    fast, slow = models.deepspeed_config(offload, cpu_adam=True), models.deepspeed_config(offload, cpu_adam=False)
+    fast, slow = loading.deepspeed_config(offload, cpu_adam=True), loading.deepspeed_config(offload, cpu_adam=False)
     assert (fast["optimizer"]["params"]["torch_adam"], fast["zero_force_ds_cpu_optimizer"]) == (False, True)
     assert (slow["optimizer"]["params"]["torch_adam"], slow["zero_force_ds_cpu_optimizer"]) == (True, False)
-    on_gpu = models.deepspeed_config(build_config({}), cpu_adam=True)  # not offloaded: torch's AdamW on the device
+    on_gpu = loading.deepspeed_config(build_config({}), cpu_adam=True)  # not offloaded: torch's AdamW on the device
     assert on_gpu["optimizer"]["params"]["torch_adam"] is True
 
 
+@pytest.mark.subprocess
 def test_a_cpu_adam_op_that_cannot_build_is_the_reason_for_the_fallback(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
-    proc = subprocess.run([sys.executable, "-c", "from aligner.models import host_adam_problem; print(host_adam_problem())"],
+    proc = subprocess.run([sys.executable, "-c", "from aligner.models.loading import host_adam_problem; print(host_adam_problem())"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert ("DeepSpeed's cpu_adam op does not build: RuntimeError: Error building extension 'cpu_adam'"
             in proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr  # (DeepSpeed prints its accelerator first)

@@ -1,4 +1,4 @@
-"""Models by Hub ID (aligner/hub.py, models.resolve_path): a Hub cache layout in a temporary HF_HOME, read through
+"""Models by Hub ID (aligner/models/hub.py, loading.resolve_path): a Hub cache layout in a temporary HF_HOME, read through
 the real huggingface_hub and from_pretrained with HF_HUB_OFFLINE=1, and an end-to-end run that names its model
 by Hub ID and its data as a dataset repository folder with named splits."""
 
@@ -9,8 +9,9 @@ import shutil
 import datasets
 import pytest
 
-from aligner import estimate, hub, models
 from aligner.config import build_config
+from aligner.models import ModelError, hub, loading
+from aligner.tools import estimate
 from conftest import launch, read_scalars
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -39,7 +40,7 @@ def hf_home(tmp_path, monkeypatch, random_model_dir):
 def test_a_hub_id_resolves_to_its_cached_snapshot_and_loads_through_from_pretrained(hf_home):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = models.resolve_path("tiny-org/tiny-llama", "model.name_or_path")
+    path = loading.resolve_path("tiny-org/tiny-llama", "model.name_or_path")
     assert path == hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.vocab_size == 259
@@ -48,25 +49,25 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_and_loads_through_from_pretrai
 
 
 def test_a_revision_picks_its_snapshot_and_an_unknown_one_names_the_fetch_command(hf_home):
-    assert models.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v1").name == TAGGED
-    with pytest.raises(models.ModelError, match=r"model tiny-org/tiny-llama at revision v9 is not in the Hugging Face "
+    assert loading.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v1").name == TAGGED
+    with pytest.raises(ModelError, match=r"model tiny-org/tiny-llama at revision v9 is not in the Hugging Face "
                                                 r"cache .*HF_HUB_OFFLINE=1 forbids downloading it.*"
                                                 r"`hf download tiny-org/tiny-llama --revision v9`"):
-        models.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v9")
+        loading.resolve_path("tiny-org/tiny-llama", "model.name_or_path", "v9")
 
 
 def test_a_model_missing_offline_names_the_id_and_the_command(hf_home):
-    with pytest.raises(models.ModelError, match=r"model.reference_path: model someorg/absent is not in the Hugging Face "
+    with pytest.raises(ModelError, match=r"model.reference_path: model someorg/absent is not in the Hugging Face "
                                                 r"cache .*`hf download someorg/absent`"):
-        models.resolve_path("someorg/absent", "model.reference_path")
+        loading.resolve_path("someorg/absent", "model.reference_path")
 
 
 def test_a_snapshot_without_config_json_is_refused(hf_home, tmp_path):
     (tmp_path / "weights-only").mkdir()
     (tmp_path / "weights-only" / "README.md").write_text("x")
     hub_layout(hf_home, "tiny-org/no-config", tmp_path / "weights-only")
-    with pytest.raises(models.ModelError, match=r"the snapshot of tiny-org/no-config .* has no config.json"):
-        models.resolve_path("tiny-org/no-config", "model.name_or_path")
+    with pytest.raises(ModelError, match=r"the snapshot of tiny-org/no-config .* has no config.json"):
+        loading.resolve_path("tiny-org/no-config", "model.name_or_path")
 
 
 def test_model_tokenizer_and_chat_template_override_the_policys(hf_home, tmp_path, random_model_dir):
@@ -75,15 +76,15 @@ def test_model_tokenizer_and_chat_template_override_the_policys(hf_home, tmp_pat
     for value in (template, str(tmp_path / "t.jinja")):
         cfg = build_config({"model": {"name_or_path": "tiny-org/tiny-llama", "tokenizer": str(random_model_dir),
                                       "chat_template": value}})
-        tok = models.run_tokenizer(cfg, models.resolve_path(cfg.model.name_or_path, "model.name_or_path"))
+        tok = loading.run_tokenizer(cfg, loading.resolve_path(cfg.model.name_or_path, "model.name_or_path"))
         assert tok.chat_template == template
         assert tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "[user]a"
     cfg = build_config({"model": {"chat_template": str(tmp_path / "missing.jinja")}})
-    with pytest.raises(models.ModelError, match=r"model.chat_template: .*missing.jinja is neither a file nor a Jinja template"):
-        models.run_tokenizer(cfg, random_model_dir)
+    with pytest.raises(ModelError, match=r"model.chat_template: .*missing.jinja is neither a file nor a Jinja template"):
+        loading.run_tokenizer(cfg, random_model_dir)
     cfg = build_config({"model": {"tokenizer": "someorg/absent-tokenizer"}})
-    with pytest.raises(models.ModelError, match=r"model.tokenizer: model someorg/absent-tokenizer is not in the Hugging Face cache"):
-        models.run_tokenizer(cfg, random_model_dir)
+    with pytest.raises(ModelError, match=r"model.tokenizer: model someorg/absent-tokenizer is not in the Hugging Face cache"):
+        loading.run_tokenizer(cfg, random_model_dir)
 
 
 def test_hub_ids_are_told_apart_from_paths(tmp_path):

@@ -1,4 +1,4 @@
-"""One job per output_dir (aligner/joblock.py): the lock's rules in-process, then real jobs on one folder.
+"""One job per output_dir (aligner/training/joblock.py): the lock's rules in-process, then real jobs on one folder.
 
 The real-jobs scenario is one sequence of launches on one ``output_dir`` (each job two
 bare rank processes in one process group, as a terminal's job is), and its checks share it:
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner import checkpoint, joblock
+from aligner.training import checkpoint, joblock
 from conftest import ROOT, free_port
 
 PLUGINS = ["--plugins", "dpo,plugin_fixtures.faults:faults"]

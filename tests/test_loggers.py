@@ -1,4 +1,4 @@
-"""The logger role in-process (aligner/loggers.py, the registry's report_to): choosing loggers, what is refused
+"""The logger role in-process (aligner/training/loggers.py, the registry's report_to): choosing loggers, what is refused
 and how, the libraries imported only when chosen, and a real logger that fails mid-run dropped with a warning.
 The loggers in a real 2-rank run are in tests/test_loggers_e2e.py."""
 
@@ -15,9 +15,9 @@ import pytest
 
 from aligner.config import ConfigError, build_config
 from aligner.hookspecs import RunStart
-from aligner.loggers import LoggerError, Loggers
+from aligner.recipes.train import configure
 from aligner.registry import PluginError, activate, inactive_sections, logger_names
-from aligner.train import configure
+from aligner.training.loggers import LoggerError, Loggers
 from conftest import ROOT, read_scalars
 
 
@@ -71,8 +71,9 @@ def test_a_section_of_a_logger_not_in_report_to_says_to_add_it_there():
         build_config({"kto": {"beta": 0.1}}, {}, inactive_sections(activate(["dpo"])))
 
 
+@pytest.mark.subprocess
 def test_no_logger_library_is_imported_unless_the_run_chooses_it():
-    code = ("import sys, argparse; from aligner.train import configure; from aligner.registry import list_plugins_table; "
+    code = ("import sys, argparse; from aligner.recipes.train import configure; from aligner.registry import list_plugins_table; "
             "list_plugins_table(); "
             f"configure(argparse.Namespace(config={str(ROOT / 'configs' / 'tiny-cpu.yaml')!r}, plugins=None, resume=None, "
             "overrides=[['report_to=[tensorboard,wandb,mlflow,trackio]']])); "

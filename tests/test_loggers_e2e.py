@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from aligner import checkpoint
+from aligner.training import checkpoint
 from conftest import HUB_REPO, read_scalars
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 import torch
 
-from aligner.logps import sequence_logps
+from aligner.scoring.logps import sequence_logps
 
 
 def naive(logits, ids, mask):
@@ -27,7 +27,7 @@ def test_chunked_response_logps_and_gradients_match_the_full_log_softmax():
 
 
 def test_chunked_lm_head_logps_and_gradients_match_full_fp32_logits():
-    from aligner.logps import chunked_token_logps
+    from aligner.scoring.logps import chunked_token_logps
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(11, 16, generator=g, requires_grad=True)  # (M, H)
@@ -48,7 +48,7 @@ def test_chunked_path_never_materialises_all_positions_logits(random_model_dir):
     from transformers import AutoModelForCausalLM
 
     from aligner.data import Example, collate_pairs
-    from aligner.logps import _scoring_head, batch_logps
+    from aligner.scoring.logps import _scoring_head, batch_logps
 
     model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
     batch = collate_pairs([Example("a", [5, 6, 7], [8, 9], [10]), Example("b", [5], [11, 12, 13], [14, 15])], 0)
@@ -78,7 +78,7 @@ def test_chunked_scoring_refuses_a_model_that_rescales_its_logits(random_model_d
     from transformers import AutoModelForCausalLM
 
     from aligner.data import Example, collate_pairs
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     model = AutoModelForCausalLM.from_pretrained(random_model_dir).eval()
     model.config.final_logit_softcapping = 30.0
@@ -88,8 +88,8 @@ def test_chunked_scoring_refuses_a_model_that_rescales_its_logits(random_model_d
 
 
 def test_chunked_lm_head_with_bias_and_bf16_weights_matches_autograd():
-    """The hand-written backward (aligner/logps.py:_ChunkedHeadLogps) with a bias, a frozen input, and bf16."""
-    from aligner.logps import chunked_token_logps
+    """The hand-written backward (aligner/scoring/logps.py:_ChunkedHeadLogps) with a bias, a frozen input, and bf16."""
+    from aligner.scoring.logps import chunked_token_logps
 
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(9, 16, generator=g, requires_grad=True)

@@ -1,5 +1,5 @@
 """model.lora in-process: config validation, target modules, the adapters-off views, the plan, the estimate,
-and the tr_soft rule on adapters (aligner/lora_trust_region.py)."""
+and the tr_soft rule on adapters (aligner/reference/lora_trust_region.py)."""
 
 import subprocess
 import sys
@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
-from aligner import embedded, lora
 from aligner.config import ConfigError, LoraSection
-from aligner.estimate import ModelShape
-from aligner.lora_trust_region import compress, mixed_factors
-from aligner.plan import make_plan
-from aligner.train import configure, parse_args
+from aligner.data import embedded
+from aligner.models import lora
+from aligner.models.plan import make_plan
+from aligner.recipes.train import configure, parse_args
+from aligner.reference.lora_trust_region import compress, mixed_factors
+from aligner.tools.estimate import ModelShape
 from conftest import ROOT
 
 
@@ -48,6 +49,7 @@ def test_merge_lora_without_lora_is_refused():
         config("export.merge_lora=true")
 
 
+@pytest.mark.subprocess
 def test_a_wrong_lora_key_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path}",
                            "model.lora.dropout=1.5"], capture_output=True, text=True, timeout=120)

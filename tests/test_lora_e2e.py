@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from aligner import checkpoint
+from aligner.training import checkpoint
 from conftest import ROOT, check_plan_against_estimate, launch, read_scalars
 
 LORA = ["model.lora.r=4", "eval.every=0", "data.max_length=48"]
@@ -107,7 +107,7 @@ def test_the_exported_adapter_and_the_merged_model_give_the_engine_log_probs(sof
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aligner.data import collate_pairs
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     final = soft_run[0] / "final"
     base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -50,11 +50,11 @@ def first_batch_nll() -> float:
     chosen responses (a plain HF forward with labels), averaged over the 2 ranks."""
     from transformers import AutoModelForCausalLM
 
-    from aligner import models
     from aligner.data import PairSampler, example_lengths, load_rows, tokenize_dataset
+    from aligner.models import loading
 
-    path = models.resolve_path("embedded:tiny-sort", "model.name_or_path")
-    tokenizer = models.load_tokenizer(path, False)
+    path = loading.resolve_path("embedded:tiny-sort", "model.name_or_path")
+    tokenizer = loading.load_tokenizer(path, False)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     examples = tokenize_dataset(load_rows("embedded:train"), tokenizer, 64, None, "error", "train")
     total = 0.0

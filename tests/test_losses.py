@@ -1,4 +1,4 @@
-"""Several losses in one run (aligner/losses.py) and the metrics the core logs once (aligner/rewards.py)."""
+"""Several losses in one run (aligner/training/losses.py) and the metrics the core logs once (aligner/training/rewards.py)."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 from aligner.config import ConfigError, build_config
 from aligner.hookspecs import SequenceLogps, StepInputs
 from aligner.registry import activate
-from aligner.rewards import DEFAULT_REWARD_BETA
-from aligner.step import total_loss
+from aligner.training.rewards import DEFAULT_REWARD_BETA
+from aligner.training.step import total_loss
 
 
 def random_inputs(seed, n=16, reference=True):

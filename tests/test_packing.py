@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from aligner import attention
 from aligner.data import Example, PackedBatch, PaddedBatch, collate_pairs, make_collate, pack_pairs, real_tokens
-from aligner.logps import batch_logps
+from aligner.models import attention
+from aligner.scoring.logps import batch_logps
 
 MAX_LENGTH = 64
 

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from aligner import perf
 from aligner.data import Example, collate_pairs, pack_pairs
 from aligner.hookspecs import Engines
+from aligner.training import perf
 
 
 def test_peak_mem_is_the_host_rss_on_cpu_and_flops_count_real_tokens_only(random_model_dir):

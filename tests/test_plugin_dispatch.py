@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from aligner.hookspecs import REQUIRED_HOOKS, ROLES
-from aligner.plan import make_plan
+from aligner.models.plan import make_plan
+from aligner.recipes.train import configure, parse_args
 from aligner.registry import PluginError, PluginHookError, activate
-from aligner.train import configure, parse_args
 from conftest import ROOT
 
 BROKEN_MODULES = {
@@ -46,6 +46,7 @@ def run_with(site: Path, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd], capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 
+@pytest.mark.subprocess
 def test_list_plugins_shows_each_broken_package_with_its_error(broken_site):
     proc = run_with(broken_site, str(Path(sys.executable).with_name("aligner-train")), "--list-plugins")
     assert proc.returncode == 0, proc.stderr
@@ -58,6 +59,7 @@ def test_list_plugins_shows_each_broken_package_with_its_error(broken_site):
     assert "loss" in lines["dpo"] and "broken" not in lines["dpo"]
 
 
+@pytest.mark.subprocess
 def test_broken_packages_leave_runs_that_do_not_name_them_alone(broken_site):
     estimate = str(Path(sys.executable).with_name("aligner-estimate"))
     proc = run_with(broken_site, estimate, "--config", "configs/tiny-cpu.yaml", "--plugins", "dpo,flipguard",
@@ -70,6 +72,7 @@ def test_broken_packages_leave_runs_that_do_not_name_them_alone(broken_site):
     ("explodes", "plugin 'explodes': cannot import module 'explodes_at_import': RuntimeError: boom at import time"),
     ("exits", "plugin 'exits': cannot import module 'exits_at_import': SystemExit: 3"),
 ])
+@pytest.mark.subprocess
 def test_a_run_that_names_a_broken_package_fails_with_its_error_and_no_traceback(broken_site, tmp_path, name, message):
     proc = run_with(broken_site, sys.executable, str(ROOT / "launch/train.py"), "--plugins", f"dpo,{name}",
                     "--set", f"output_dir={tmp_path}")

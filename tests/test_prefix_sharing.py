@@ -4,10 +4,10 @@ the per-sequence log-probs and gradients of unshared packing."""
 import pytest
 import torch
 
-from aligner import attention
 from aligner.data import Example, PrefixSharedBatch, make_collate, pack_pairs, pack_prefix_shared
 from aligner.data.tokenize import tokenize_row
-from aligner.logps import batch_logps, score_pairs
+from aligner.models import attention
+from aligner.scoring.logps import batch_logps, score_pairs
 
 MAX_LENGTH = 48
 
@@ -89,7 +89,7 @@ def test_prefix_shared_logps_and_gradients_equal_unshared_packing(model, example
 
 
 def test_sdpa_is_causal_is_top_left_aligned_so_the_rejected_segment_needs_an_explicit_mask():
-    """Why aligner/attention.py builds the bottom-right mask: is_causal with q_len < k_len hides the query's own key."""
+    """Why aligner/models/attention.py builds the bottom-right mask: is_causal with q_len < k_len hides the query's own key."""
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(1, 1, 3, 8, generator=g), torch.randn(1, 1, 7, 8, generator=g), torch.randn(1, 1, 7, 8, generator=g)
     cu_q, cu_k = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)

@@ -1,4 +1,4 @@
-"""The push to the Hub (aligner/push.py) offline, for real (HF_HUB_OFFLINE=1, huggingface_hub's own refusal),
+"""The push to the Hub (aligner/publishing/push.py) offline, for real (HF_HUB_OFFLINE=1, huggingface_hub's own refusal),
 and the export keys' bad values. The exit code of a run whose push fails is checked in tests/test_loggers_e2e.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from aligner.config import ConfigError, ExportConfig, build_config
-from aligner.push import PushError, push_to_hub, upload_command
+from aligner.publishing.push import PushError, push_to_hub, upload_command
 
 
 def digest(folder) -> dict[str, str]:

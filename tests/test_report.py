@@ -1,8 +1,8 @@
-"""The report's panels: the core's own, and those plugins declare (aligner/report.py names no plugin tag)."""
+"""The report's panels: the core's own, and those plugins declare (aligner/evaluation/report.py names no plugin tag)."""
 
 import re
 
-from aligner import report
+from aligner.evaluation import report
 from conftest import ROOT
 
 
@@ -14,5 +14,5 @@ def test_plugins_declare_their_panels_through_the_hook():
 
 
 def test_the_core_report_names_no_plugin_tag():
-    text = (ROOT / "aligner" / "report.py").read_text()
+    text = (ROOT / "aligner" / "evaluation" / "report.py").read_text()
     assert not re.search(r"\b(tr|flipguard|kto|dpo|ipo)/", text)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from aligner.reward_judge import rm_text
+from aligner.evaluation.reward_judge import rm_text
 from conftest import ROOT
 
 N_PROMPTS = 24
@@ -94,12 +94,12 @@ def test_a_reward_model_with_several_outputs_or_no_config_is_refused(tmp_path, t
     assert exc.value.code == 2 and "--epsilon must be >= 0, got -1.0" in capsys.readouterr().err
 
 
-# eval.reward_model: the same judge during training (aligner/reward_eval.py)
+# eval.reward_model: the same judge during training (aligner/evaluation/reward_eval.py)
 
 def test_eval_reward_model_refuses_a_run_without_eval_data_and_a_bad_model(tmp_path, reward_model_dir, tiny_tokenizer):
     from aligner.config import ConfigError, build_config
+    from aligner.evaluation.reward_eval import RewardJudge
     from aligner.models import ModelError
-    from aligner.reward_eval import RewardJudge
 
     cfg = build_config({"data": {"eval": None}, "eval": {"reward_model": str(reward_model_dir)}})
     with pytest.raises(ConfigError, match="eval.reward_model judges generations on data.eval's prompts, but data.eval is null"):

@@ -11,12 +11,14 @@ import types
 import pytest
 import torch
 
-from aligner import attention, checkpoint, estimate
 from aligner.config import ConfigError
 from aligner.data import Example, pack_pairs, pack_prefix_shared
-from aligner.logps import _picked_logps, chunked_token_logps
-from aligner.sequence_parallel import Layout, current, head_problem, layout_for, shard, shard_collate
-from aligner.train import configure
+from aligner.models import attention
+from aligner.recipes.train import configure
+from aligner.scoring.logps import _picked_logps, chunked_token_logps
+from aligner.scoring.sequence_parallel import Layout, current, head_problem, layout_for, shard, shard_collate
+from aligner.tools import estimate
+from aligner.training import checkpoint
 
 PAD = 0
 
@@ -65,8 +67,8 @@ def test_the_padding_changes_no_real_tokens_logits(random_model_dir, examples, p
     length = batch.input_ids.shape[1]
     padded = batch.extended(3, PAD)
     with torch.no_grad():
-        plain = model(**batch.model_inputs(model)).logits
-        extended = model(**padded.model_inputs(model)).logits
+        plain = model(**attention.model_inputs(model, batch)).logits
+        extended = model(**attention.model_inputs(model, padded)).logits
     assert extended.shape[1] == length + 3
     assert torch.allclose(plain, extended[:, :length], atol=1e-6, rtol=0)
 
@@ -80,7 +82,7 @@ def test_packed_unpaired_and_kl_rows_score_as_their_padded_batch(random_model_di
     from aligner.data.collate import collate_batch
     from aligner.data.packing import make_collate, pack_batch
     from aligner.data.tokenize import UnpairedExample
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     attention.register()
     model = AutoModelForCausalLM.from_pretrained(random_model_dir, attn_implementation=attention.VARLEN)
@@ -157,7 +159,7 @@ def test_a_size_that_does_not_divide_the_ranks_is_refused_with_the_sizes_that_do
     ("eval.reward_model=some/judge", "eval.reward_model judges greedy generations"),
 ])
 def test_what_the_config_alone_rules_out_is_refused_where_the_layout_is_made(override, message):
-    """Recipe.setup makes the layout (aligner.sequence_parallel.layout_for) before it loads data or builds an engine,
+    """Recipe.setup makes the layout (aligner.scoring.sequence_parallel.layout_for) before it loads data or builds an engine,
     where the world-size refusal of tests/test_sequence_parallel_e2e.py stops a real 2-rank run."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         layout_for(_cfg("train.sequence_parallel=2", override), 0, 2)
@@ -236,8 +238,8 @@ def test_under_sp_unpaired_and_kl_batches_stay_packed_unshared_and_the_kernel_ch
         random_model_dir):
     from transformers import AutoConfig
 
-    from aligner import batch_path
     from aligner.config import build_config
+    from aligner.scoring import batch_path
 
     model_config = AutoConfig.from_pretrained(random_model_dir)  # 4 query / 2 key-value heads
     sp2 = build_config({"train": {"sequence_parallel": 2}})

@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from aligner.launcher import deepspeed_command
+from aligner.training.launcher import deepspeed_command
 from conftest import ROOT, read_scalars
 
 WORKER = ROOT / "tests" / "sequence_parallel_worker.py"
@@ -71,7 +71,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kv3_model_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny random Llama with 6 query and 3 key/value heads."""
-    from aligner import embedded
+    from aligner.data import embedded
 
     path = tmp_path_factory.mktemp("kv3-model")
     embedded.build_model(len(tiny_tokenizer), hidden_size=48, num_heads=6, num_kv_heads=3).save_pretrained(path)
@@ -170,7 +170,7 @@ def test_the_data_hits_every_boundary_case(data, tiny_tokenizer):
     the module docstring names (2 ranks)."""
     from aligner.data import pack_prefix_shared
     from aligner.data.tokenize import Example, tokenize_row
-    from aligner.sequence_parallel import Layout, shard
+    from aligner.scoring.sequence_parallel import Layout, shard
 
     examples = []
     for i, line in enumerate(data[0].read_text().splitlines()[:8]):

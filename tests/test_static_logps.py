@@ -6,10 +6,11 @@ import shutil
 import pytest
 import torch
 
-from aligner import embedded, static_logps
+from aligner.data import embedded
 from aligner.data import collate_pairs, load_rows, tokenize_dataset
-from aligner.logps import batch_logps
-from aligner.static_logps import StaticCacheError
+from aligner.scoring import static_logps
+from aligner.scoring.logps import batch_logps
+from aligner.scoring.static_logps import StaticCacheError
 
 
 def examples(tokenizer):
@@ -30,7 +31,7 @@ class CountingBuilder:
         return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-#: A padded float32 run's scoring (aligner.train.scoring); the tests change one key of it.
+#: A padded float32 run's scoring (aligner.recipes.train.scoring); the tests change one key of it.
 SCORING = {"packing": False, "prefix_sharing": False, "chunk_tokens": 0, "attn_implementation": "sdpa",
            "kernel": "sdpa", "dtype": "float32", "sequence_parallel": 1}
 

@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from aligner import embedded
 from aligner.config import build_config
-from aligner.data import collate_batch, tokenize_dataset
+from aligner.data import collate_batch, embedded, tokenize_dataset
 from aligner.data.synthetic import make_rows
 from aligner.hookspecs import Engines
-from aligner.plan import make_plan
+from aligner.models.plan import make_plan
 from aligner.registry import activate
-from aligner.step import gather_inputs
+from aligner.training.step import gather_inputs
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def test_without_a_plan_that_says_so_an_engine_object_seen_twice_is_scored_twice
     frozen, calls = counted(embedded.build_model(len(tiny_tokenizer), seed=3).eval())
     policy = embedded.build_model(len(tiny_tokenizer), seed=4)
     inputs = gather_inputs(batch, Engines(policy=policy, reference=frozen, anchor=frozen))
-    assert len(calls) == 2  # identity is not the plan: the decision is made once, in aligner/plan.py
+    assert len(calls) == 2  # identity is not the plan: the decision is made once, in aligner/models/plan.py
     assert torch.equal(inputs.anchor.chosen, inputs.reference.chosen)
 
 

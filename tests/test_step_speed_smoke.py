@@ -61,6 +61,7 @@ def test_table_has_every_row_or_says_why_trl_was_skipped(smoke):
         assert trl_row["row"] == "trl" and abs(trl_row["loss1"] - math.log(2)) < 1e-4 and trl_row["tok_s"] > 0
 
 
+@pytest.mark.subprocess
 def test_unknown_row_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--rows", "naive,turbo"],
                           capture_output=True, text=True, timeout=120)
@@ -123,6 +124,7 @@ def test_profile_plugin_records_a_window_of_steps_and_profile_step_sorts_ops_int
     assert profile_step.term_of("LinearFunctionForZeroStage3Backward") == "other"
 
 
+@pytest.mark.subprocess
 def test_profile_step_refuses_an_unknown_row_and_an_empty_window():
     script = str(ROOT / "benchmarks" / "profile_step.py")
     proc = subprocess.run([sys.executable, script, "--rows", "fast,turbo"], capture_output=True, text=True, timeout=120)

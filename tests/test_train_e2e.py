@@ -27,7 +27,7 @@ def dpo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_default_run_takes_the_packed_prefix_shared_chunked_path_and_says_so(dpo_run):
-    """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/batch_path.py), logged once, in plan.json."""
+    """configs/tiny-cpu.yaml sets no batch switch: the defaults (aligner/scoring/batch_path.py), logged once, in plan.json."""
     written = json.loads((dpo_run / "plan.json").read_text())
     assert written["batch_path"] == {"packing": True, "prefix_sharing": True, "chunk_tokens": 1024,
                                      "attn_implementation": "aligner_varlen", "kernel": "sdpa_segments",
@@ -65,7 +65,7 @@ def test_checkpoints_and_exported_model_match_the_engine(dpo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aligner.data import collate_pairs, load_rows, tokenize_dataset
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     assert sorted(p.name for p in (dpo_run / "checkpoints").glob("step_*")) == ["step_20", "step_40"]
     final = dpo_run / "final"
@@ -99,12 +99,14 @@ def test_existing_run_is_not_overwritten_without_resume_or_overwrite(dpo_run):
     assert "already holds checkpoints (step_40); pass --resume auto" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_list_plugins_from_the_console_script():
     exe = Path(sys.executable).with_name("aligner-train")
     proc = subprocess.run([str(exe), "--list-plugins"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "dpo" in proc.stdout and "loss" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_missing_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path}",
                            f"model.name_or_path={tmp_path / 'nowhere'}"], capture_output=True, text=True, timeout=120)
@@ -129,6 +131,7 @@ def test_report_writes_plots_and_a_summary_of_the_run(dpo_run, tmp_path):
     assert "Trained to step 40" in summary
 
 
+@pytest.mark.subprocess
 def test_report_of_a_folder_without_event_files_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/report.py"), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

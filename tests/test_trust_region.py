@@ -50,7 +50,7 @@ def hard_run(tmp_path_factory):
 def initial_weights():
     from transformers import AutoModelForCausalLM
 
-    from aligner import embedded
+    from aligner.data import embedded
 
     model = AutoModelForCausalLM.from_pretrained(embedded.ensure_embedded_model("embedded:tiny-sort"))
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
@@ -134,9 +134,9 @@ def _hf_logps(weights: dict[str, torch.Tensor], ids: list[str]) -> torch.Tensor:
     """Log-probs of the given training examples under a plain HF model holding ``weights``, as [chosen; rejected]."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aligner import embedded
+    from aligner.data import embedded
     from aligner.data import collate_pairs, load_rows, tokenize_dataset
-    from aligner.logps import batch_logps
+    from aligner.scoring.logps import batch_logps
 
     path = embedded.ensure_embedded_model("embedded:tiny-sort")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -169,7 +169,7 @@ def test_resuming_a_reference_saved_by_another_world_size_is_refused_naming_the_
 
     from safetensors.torch import load_file, save_file
 
-    from aligner import checkpoint
+    from aligner.training import checkpoint
 
     folder = tmp_path / "checkpoints" / "step_7"
     shutil.copytree(soft_run / "checkpoints" / "step_7", folder)

@@ -6,16 +6,18 @@ Every batch holds N scored sequences, ordered ``[chosen/desirable..., rejected/u
 - :class:`PackedBatch`: every sequence back to back in one row, (1, L), with restarting position ids and
   ``cu_seqlens`` (padding-free; aligner/data/packing.py);
 - :class:`PrefixSharedBatch`: each pair as ``[prompt, chosen, rejected]`` in one row, the prompt computed once
-  (``train.prefix_sharing``; aligner/data/packing.py, aligner/attention.py).
+  (``train.prefix_sharing``; aligner/data/packing.py, aligner/models/attention.py).
 
 Either may be paired (B pairs, N = 2B) or unpaired (``paired`` False, the first ``n_chosen`` rows desirable),
 and may carry ``mismatched``: KTO's mismatched prompt/completion rows, a batch of its own (``kl_pairs``,
 aligner/data/collate.py; padded, or packed under sequence parallelism).
 
-What differs between the kinds lives in their methods: the model's forward arguments
-(:meth:`Batch.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`), and the real
-(non-padding) tokens, and which logits score which target (:meth:`Batch.score_index`). A new kind (prefix-shared packing; LoRA's adapters on/off per forward) is a new subclass
-with those three methods, and nothing else changes.
+What differs between the kinds lives in their methods: the layout's forward arguments (:meth:`Batch.model_inputs`:
+tokens, and positions or a mask; what the attention reads of the segments, :meth:`Batch.segments`, is added by
+:func:`aligner.models.attention.model_inputs`), which sequence each token belongs to (:meth:`Batch.token_owner`),
+and the real (non-padding) tokens, and which logits score which target (:meth:`Batch.score_index`). A new kind
+(prefix-shared packing; LoRA's adapters on/off per forward) is a new subclass with those methods, and nothing else
+changes (a new segment layout also tells the attention how to read it).
 """
 
 from __future__ import annotations
@@ -55,8 +57,13 @@ class Batch(ABC):
         """N, the sequences scored."""
 
     @abstractmethod
-    def model_inputs(self, model) -> dict:
-        """The forward keyword arguments of this batch for ``model``."""
+    def model_inputs(self) -> dict:
+        """The forward keyword arguments of this batch's layout (tokens, and positions or a mask), for any model;
+        :func:`aligner.models.attention.model_inputs` adds what the model's attention reads of :meth:`segments`."""
+
+    def segments(self) -> Batch:
+        """The batch whose sequence bounds the attention reads: this one (a sequence-parallel shard: its whole row)."""
+        return self
 
     @abstractmethod
     def token_owner(self) -> torch.Tensor:
@@ -81,18 +88,18 @@ class Batch(ABC):
     @property
     def work_share(self) -> float:
         """The share of this batch's forward and backward work that this rank does (for FLOP counts): all of it,
-        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        unless the batch is one rank's part of a sequence-parallel row (aligner/scoring/sequence_parallel.py)."""
         return 1.0
 
     def whole_sequences(self, summed: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence sums of the tokens this rank scored, (N,) each -> the whole sequences' sums: as they are,
-        unless the batch is one rank's part of a sequence-parallel row (aligner/sequence_parallel.py)."""
+        unless the batch is one rank's part of a sequence-parallel row (aligner/scoring/sequence_parallel.py)."""
         return summed, counts
 
     def extended(self, n_pad: int, pad_token_id: int) -> Batch:
         """The same batch with ``n_pad`` padding tokens appended to its row's last sequence (never scored; they
         attend only to what precedes them, so no real token's result changes), for row lengths a multiple of
-        the sequence-parallel size (aligner/sequence_parallel.py). One-row (packed) batches only."""
+        the sequence-parallel size (aligner/scoring/sequence_parallel.py). One-row (packed) batches only."""
         raise TypeError(f"a {type(self).__name__} has no single row to extend")
 
 
@@ -106,7 +113,7 @@ class PaddedBatch(Batch):
     def n_sequences(self) -> int:
         return self.input_ids.shape[0]
 
-    def model_inputs(self, model) -> dict:
+    def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
 
     def token_owner(self) -> torch.Tensor:
@@ -133,13 +140,10 @@ class PackedBatch(Batch):
     def n_sequences(self) -> int:
         return len(self.cu_seqlens) - 1
 
-    def model_inputs(self, model) -> dict:
-        """Restarting position ids and no mask (transformers then masks per sequence), plus cu_seqlens for varlen
-        kernels (aligner/attention.py)."""
-        from aligner.attention import varlen_kwargs
-
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
-                **varlen_kwargs(model, self)}
+    def model_inputs(self) -> dict:
+        """Restarting position ids and no mask (transformers then masks per sequence); a varlen kernel also gets
+        ``cu_seqlens`` (aligner/models/attention.py)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
 
     def token_owner(self) -> torch.Tensor:
         return self.sequence_ids[:, 1:][self.response_mask[:, 1:]]
@@ -182,7 +186,7 @@ class PrefixSharedBatch(Batch):
       causally to itself; [rejected] attends to [prompt K/V; rejected K/V], causal aligned bottom-right, never to
       chosen. ``kv_index`` (Lk,) lists each segment's key tokens (row positions) back to back, bounds
       ``kv_cu_seqlens`` (2B+1,). Every kernel takes the R rejected queries against their P + R keys as they are
-      (:mod:`aligner.attention`).
+      (:mod:`aligner.models.attention`).
     - Scoring (``positions``, ``targets``, ``owner``, each (M,)): the first rejected token is predicted by the LAST
       PROMPT token's logits, the same position that predicts the first chosen token, so scoring is an explicit
       list rather than ``response_mask[:, 1:]``. Owners are 0..B-1 (chosen), B..2B-1 (rejected).
@@ -206,12 +210,9 @@ class PrefixSharedBatch(Batch):
     def n_sequences(self) -> int:
         return 2 * len(self.prompt_lengths)
 
-    def model_inputs(self, model) -> dict:
-        """Positions and no mask, plus the segment bounds and gather indices :mod:`aligner.attention` reads."""
-        from aligner.attention import prefix_shared_kwargs
-
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
-                **prefix_shared_kwargs(model, self)}
+    def model_inputs(self) -> dict:
+        """Positions and no mask; :mod:`aligner.models.attention` adds the segment bounds and gather indices it reads."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
 
     def token_owner(self) -> torch.Tensor:
         return self.owner

@@ -32,7 +32,7 @@ UNPAIRED_SEQS = ("prompt", "completion")
 
 
 def cache_root() -> Path:
-    from aligner import embedded
+    from aligner.data import embedded
 
     return embedded.cache_root() / "tokenized"
 

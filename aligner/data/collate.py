@@ -71,7 +71,7 @@ def mismatched_rows(rows: list[tuple[list[int], list[int]]], max_length: int) ->
 
 def collate_batch(examples: list[Example] | list[UnpairedExample], pad_token_id: int, kl_pairs: bool = False,
                   max_length: int | None = None) -> PaddedBatch:
-    """Collate paired or unpaired examples for :func:`aligner.step.gather_inputs`.
+    """Collate paired or unpaired examples for :func:`aligner.training.step.gather_inputs`.
 
     A :class:`PaddedBatch` of the tensors of :func:`pad_rows` over N rows (2B for B pairs),
     ``n_chosen`` (the first ``n_chosen`` rows are chosen/desirable), ``paired``,

@@ -6,7 +6,7 @@ restarting at 0 for every sequence. Attention must stay inside each sequence:
 
 - ``aligner_varlen`` (what ``model.attn_implementation: auto`` picks for packed
   runs without flash-attn), flash-attn: ``cu_seqlens`` and ``max_seqlen`` give the
-  sequence boundaries directly (:mod:`aligner.attention`: PyTorch's
+  sequence boundaries directly (:mod:`aligner.models.attention`: PyTorch's
   ``varlen_attn`` on GPU, causal SDPA per sequence on CPU).
 - ``sdpa``/``eager`` chosen by name: transformers reads the restarting
   ``position_ids`` and builds a block-diagonal causal mask over the whole row
@@ -75,7 +75,7 @@ def pack_batch(examples: list[Example] | list[UnpairedExample], kl_pairs: bool =
                max_length: int | None = None) -> PackedBatch:
     """The rows :func:`aligner.data.collate.collate_batch` pads (pairs or unpaired completions, and with
     ``kl_pairs`` the mismatched rows, packed on their own), packed instead: the layout sequence parallelism
-    shards (aligner/sequence_parallel.py)."""
+    shards (aligner/scoring/sequence_parallel.py)."""
     rows, labels, kl = batch_rows(examples, kl_pairs, max_length)
     return pack_rows(rows, **labels, mismatched=pack_rows(kl[0], **kl[1]) if kl else None)
 
@@ -128,7 +128,7 @@ def make_collate(packing: bool, pad_token_id: int, kl_pairs: bool = False,
                  max_length: int | None = None, prefix_sharing: bool = False,
                  pack_all: bool = False) -> Callable[[list], Batch]:
     """The batch builder a run uses: :func:`pack_prefix_shared` (``train.prefix_sharing``), :func:`pack_pairs`
-    (``train.packing``) or the padded ``collate_batch``, as the run's batch path decided (aligner/batch_path.py).
+    (``train.packing``) or the padded ``collate_batch``, as the run's batch path decided (aligner/scoring/batch_path.py).
 
     Packing covers preference pairs; unpaired completions and batches that carry
     mismatched KL rows (``kl_pairs``, for kto) are padded, unless ``pack_all`` (sequence parallelism, which shards

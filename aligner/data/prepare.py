@@ -10,7 +10,7 @@
 - Rank 0 tokenizes, with batched fast-tokenizer calls through ``datasets.map`` (parallel
   workers on ``data.num_proc`` processes, a progress bar), and writes the result to the
   on-disk cache (:mod:`aligner.data.cache`); the other ranks wait and read it
-  (:func:`aligner.lockstep.leaders_first`). A later run or a resume with the same data,
+  (:func:`aligner.distributed.lockstep.leaders_first`). A later run or a resume with the same data,
   tokenizer, chat template (and ``data.chat_template_kwargs``) and length settings reads the cache and
   tokenizes nothing.
 """
@@ -32,7 +32,7 @@ from aligner.data import cache
 from aligner.data.formats import TEMPLATE_COLUMNS, RowError, column_mapping, detect_paired
 from aligner.data.load import DataError, load_rows
 from aligner.data.tokenize import BATCH_ROWS, Encoded, check_ids, encode_rows, keep_rows, report, row_ids
-from aligner.lockstep import leaders_first
+from aligner.distributed.lockstep import leaders_first
 
 log = logging.getLogger(__name__)
 VERSION = 2  # bump when tokenization changes, so that stale cache entries are not reused

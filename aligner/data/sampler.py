@@ -1,7 +1,9 @@
-"""A distributed, resumable sampler: a seeded permutation per epoch, each rank taking its own slice."""
+"""A distributed, resumable sampler: a seeded permutation per epoch, each rank taking its own slice; and the
+fixed per-rank batches of a pass over a whole split (evaluation, cached scores)."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -88,3 +90,17 @@ class PairSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def shard_batches(examples: list, batch_size: int, rank: int, world: int) -> list[tuple[list, int]]:
+    """This rank's batches and how many of each are real. Every rank gets the same number of
+    batches (ZeRO-3 forwards are collective), the short ones padded by repeating an example."""
+    shard = examples[rank::world]
+    per_rank = math.ceil(len(examples) / world)
+    n_batches = math.ceil(per_rank / batch_size)
+    out = []
+    for b in range(n_batches):
+        real = shard[b * batch_size:(b + 1) * batch_size]
+        filler = [examples[0]] * (batch_size - len(real)) if len(real) < batch_size else []
+        out.append((real + filler, len(real)))
+    return out

@@ -66,7 +66,7 @@ def test_balanced_ranks_are_deterministic_and_resume_exactly():
 
 @pytest.mark.parametrize("lengths", [None, [(5 * i) % 31 + 1 for i in range(50)]])
 def test_examples_of_a_span_of_micro_steps_are_what_every_rank_draws(lengths):
-    """The static pre-pass scores only these (aligner/train.py): the union of all ranks' micro-batches, across epochs."""
+    """The static pre-pass scores only these (aligner/recipes/train.py): the union of all ranks' micro-batches, across epochs."""
     samplers = [PairSampler(50, 3, r, 2, seed=4, lengths=lengths) for r in range(2)]
     drawn = [list(itertools.islice(iter(s), 20)) for s in samplers]  # 20 micro-steps: 8 per epoch, into epoch 2
     assert samplers[0].examples_of(5, 12) == {i for rank in drawn for batch in rank[5:17] for i in batch}

@@ -86,6 +86,7 @@ def test_unreadable_jsonl_files_name_the_file_and_line(tmp_path, content, messag
 
 
 @pytest.mark.parametrize("content", [b"", b'{"prompt": "p", "cho\n', b'{"prompt": "\xff"}\n'], ids=["empty", "truncated", "utf8"])
+@pytest.mark.subprocess
 def test_an_unreadable_jsonl_exits_2_with_no_traceback(tmp_path, random_model_dir, content):
     (tmp_path / "e.jsonl").write_bytes(content)
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--set", f"output_dir={tmp_path / 'run'}",

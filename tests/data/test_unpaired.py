@@ -10,11 +10,11 @@ from aligner.data import DataError, UnpairedExample, collate_batch, load_rows, t
 from aligner.data.collate import mismatched_rows
 from aligner.data.synthetic import make_rows
 from aligner.data.tokenize import tokenize_row
-from aligner.eval import evaluate
+from aligner.evaluation.eval import evaluate
 from aligner.hookspecs import Engines
-from aligner.logps import batch_logps
 from aligner.registry import activate
-from aligner.step import gather_inputs
+from aligner.scoring.logps import batch_logps
+from aligner.training.step import gather_inputs
 
 
 def unpaired_rows(n_pairs, every_rejected=1):
@@ -103,7 +103,7 @@ def test_kl_rows_of_pairs_never_match_a_prompt_with_its_own_response():
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_tokenizer):
-    from aligner import embedded
+    from aligner.data import embedded
 
     return embedded.build_model(len(tiny_tokenizer), seed=5).eval()
 
@@ -137,7 +137,7 @@ def test_kto_eval_on_unpaired_data_gives_the_formula_value_when_policy_is_refere
 
 
 def test_unpaired_data_is_refused_for_a_loss_that_trains_on_pairs(tmp_path, tiny_tokenizer):
-    from aligner.train import load_examples
+    from aligner.recipes.train import load_examples
 
     spec = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(2))
     plugins = activate(["dpo"])
@@ -151,7 +151,7 @@ def test_unpaired_data_is_refused_for_a_loss_that_trains_on_pairs(tmp_path, tiny
 
 
 def test_unpaired_data_is_refused_when_any_of_several_losses_trains_on_pairs(tmp_path, tiny_tokenizer):
-    from aligner.train import load_examples
+    from aligner.recipes.train import load_examples
 
     spec = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(2))
     plugins = activate(["kto", "sft"])  # kto takes unpaired rows, sft does not

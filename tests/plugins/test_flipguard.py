@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from aligner.config import ConfigError, build_config
+from aligner.evaluation.regression import generation_flips, preference_flips
 from aligner.hookspecs import SequenceLogps, StepInputs
-from aligner.regression import generation_flips, preference_flips
 from aligner_plugins import flipguard
 
 

@@ -4,7 +4,7 @@ import torch
 from aligner.config import build_config
 from aligner.hookspecs import SequenceLogps, StepInputs
 from aligner.registry import activate
-from aligner.step import total_loss
+from aligner.training.step import total_loss
 from aligner_plugins import ipo
 
 

@@ -7,7 +7,7 @@ import torch
 from aligner.config import build_config
 from aligner.hookspecs import DatasetSummary, SequenceLogps, StepInputs
 from aligner.registry import activate
-from aligner.step import total_loss
+from aligner.training.step import total_loss
 from aligner_plugins import kto
 
 
@@ -116,6 +116,7 @@ def _z0_on_rank(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_z0_is_the_mean_over_every_ranks_mismatched_pairs():
     """Two real gloo processes: each rank's own mean would be 2 and 15; both use (1+2+3+10+20)/5 = 7.2."""
     import socket

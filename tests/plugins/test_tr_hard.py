@@ -1,7 +1,7 @@
 import pytest
 
 from aligner.config import ConfigError
-from aligner.train import configure, parse_args
+from aligner.recipes.train import configure, parse_args
 from aligner_plugins import tr_hard
 
 

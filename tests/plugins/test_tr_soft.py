@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from aligner.config import ConfigError
+from aligner.recipes.train import configure, parse_args
 from aligner.registry import PluginError, activate
-from aligner.train import configure, parse_args
 from aligner_plugins import tr_soft
 
 

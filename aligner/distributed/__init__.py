@@ -1,0 +1,1 @@
+"""Below every stage: which device a collective runs on, and ranks that act in lockstep (one answer, one error)."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out losses and preference flips, generation, reward-model judging, the report of a run."""

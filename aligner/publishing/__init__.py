@@ -1,0 +1,1 @@
+"""Publishing a trained run: its model card, and the push to the Hugging Face Hub."""

@@ -1,0 +1,1 @@
+"""Tools beside a run: the memory estimate of a config before launching it (``aligner-estimate``)."""

@@ -1,0 +1,1 @@
+"""Training: one step (scores to losses to rewards), its guards (non-finite, preemption, job lock), checkpoints, loggers."""
