@@ -20,6 +20,18 @@ ROLE = re.compile(r":(?:func|class|data|meth|attr|mod|obj|exc):`~?([^`]+)`")
 FIELD = re.compile(r"^:(?:param|type|returns?|rtype|raises?|var|ivar|cvar)\b")
 
 
+def sphinx_comment(lines: list[str], first: int, last: int, joiner: str = "\n") -> str:
+    """The ``#:`` comment of the statement on lines ``first``..``last`` (1-based) of ``lines``: the comment lines
+    right above it, joined by ``joiner``, else the one ending its last line; ``""`` when it has none. The one reader
+    of that convention, for this extension and the configuration reference (docs/hooks.py)."""
+    above, i = [], first - 2
+    while i >= 0 and lines[i].strip().startswith("#:"):
+        above.insert(0, lines[i].strip()[2:].strip())
+        i -= 1
+    trailing = re.search(r"#:\s*(.*)$", lines[last - 1])
+    return joiner.join(above) if above else (trailing.group(1).strip() if trailing else "")
+
+
 def fields_last(text: str) -> str:
     """``text`` with its Sphinx field lines (and their indented continuations) moved after the rest."""
     body, fields, in_field = [], [], False
@@ -42,12 +54,7 @@ class SphinxSources(griffe.Extension):
         lines = attr.lines_collection[attr.filepath] if attr.filepath in attr.lines_collection else None
         if not lines:
             return
-        above, i = [], attr.lineno - 2
-        while i >= 0 and lines[i].strip().startswith("#:"):
-            above.insert(0, lines[i].strip()[2:].strip())
-            i -= 1
-        trailing = re.search(r"#:\s*(.*)$", lines[attr.lineno - 1])
-        text = "\n".join(above) if above else (trailing.group(1).strip() if trailing else "")
+        text = sphinx_comment(lines, attr.lineno, attr.lineno)
         if text:
             attr.docstring = griffe.Docstring(ROLE.sub(r"`\1`", text), lineno=attr.lineno, parent=attr)
 

@@ -17,12 +17,16 @@ import ast
 import dataclasses
 import inspect
 import re
+import sys
 import textwrap
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # mkdocs loads this file by path; its neighbour too
+from griffe_sphinx import ROLE, sphinx_comment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The line of ``configuration.md`` that the generated reference replaces.
@@ -48,12 +52,7 @@ def comment_help(cls: type) -> dict[str, str]:
     for item in node.body if isinstance(node, ast.ClassDef) else ():
         if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
             continue
-        above, i = [], item.lineno - 2
-        while i >= 0 and lines[i].strip().startswith("#:"):
-            above.insert(0, lines[i].strip()[2:].strip())
-            i -= 1
-        trailing = re.search(r"#:\s*(.*)$", lines[item.end_lineno - 1])
-        text = " ".join(above) if above else (trailing.group(1).strip() if trailing else "")
+        text = sphinx_comment(lines, item.lineno, item.end_lineno, " ")
         if text:
             out[item.target.id] = text
     return out
@@ -96,7 +95,7 @@ def _type_name(tp: Any) -> str:
 def _markdown(text: str) -> str:
     """A docstring-style help text as one table cell: reST literals and roles to code spans, the pipes outside code
     spans escaped (a table's cells split there; inside a code span a pipe is text)."""
-    text = re.sub(r":(?:class|func|data|meth|attr|mod):`~?([^`]+)`", r"`\1`", text)
+    text = ROLE.sub(r"`\1`", text)
     text = re.sub(r"``([^`]+)``", r"`\1`", text)
     parts = text.split("`")
     return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
