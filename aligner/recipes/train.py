@@ -236,7 +236,7 @@ def build_engines(cfg: RunConfig, plan: ModelPlan, paths: dict[str, Path], mpu=N
 def scoring(path: batch_path.BatchPath, layout: sequence_parallel.Layout) -> dict[str, Any]:
     """How a run scores a batch, all that a log-prob depends on beside the weights and the tokens: the batch path
     without its reasons (dtype, attention and kernel, packed/padded, prefix sharing, the chunked head) and the
-    ranks per sequence. The static cache's fingerprint (aligner/static_logps.py)."""
+    ranks per sequence. The static cache's fingerprint (aligner/scoring/static_logps.py)."""
     decided = path.to_dict()
     return {k: v for k, v in decided.items() if k not in ("fallbacks", "kernel_fallbacks")} | {
         "sequence_parallel": layout.size}
