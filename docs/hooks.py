@@ -114,14 +114,18 @@ def _nested(cls: type, name: str) -> type | None:
     return None
 
 
-def section_rows(cls: type, prefix: str, require_help: bool = True) -> list[tuple[str, str, str, str, type | None]]:
-    """``(key, type, default, help, nested dataclass)`` for each field of the dataclass ``cls`` of section ``prefix``.
+def section_rows(cls: type, prefix: str, require_help: bool = True,
+                 only: Any = None) -> list[tuple[str, str, str, str, type | None]]:
+    """``(key, type, default, help, nested dataclass)`` for each field of the dataclass ``cls`` of section ``prefix``
+    (``only``: the field names to list, default all).
 
     :raises MissingHelp: with ``require_help``, for a field without help text, naming it and where to add it.
     """
     helps = field_help(cls)
     rows = []
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         if require_help and not helps.get(f.name):
             where = inspect.getsourcefile(cls) or cls.__module__
@@ -164,12 +168,7 @@ def core_reference(run: type | None = None, scalars: dict[str, Any] | None = Non
     run = run or config.RunConfig
     scalars = config.CORE_SCALARS if scalars is None else scalars
     sections = config.CORE_SECTIONS if sections is None else sections
-    top = [row for row in section_rows(run, "", require_help=False) if row[0] in scalars]
-    helps = field_help(run)
-    missing = [row[0] for row in top if not helps.get(row[0])]
-    if missing:
-        raise MissingHelp(f"config key {missing[0]} (RunConfig.{missing[0]}) has no help text for the configuration "
-                          f"reference; add a '#:' comment above the field in config.py")
+    top = section_rows(run, "", require_help=True, only=scalars)
     out = ["### Top-level keys", "", *_table(top), ""]
     for name, cls in sections.items():
         out += _section(f"`{name}`", cls, name, require_help=True)
