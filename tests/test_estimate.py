@@ -251,3 +251,17 @@ def test_the_estimate_counts_the_path_the_run_falls_back_to(capsys, tmp_path):
     assert full["steady_total_gib"] > chunked["steady_total_gib"] + 1  # (T, V) logits of 2 x 2 x 2048 tokens
     cpu = json.loads(run_cli(capsys, *args, "--model-config", "llama3-8b", "--device", "cpu")[1])
     assert cpu["batch_path"]["kernel"] == "sdpa_segments"  # ranks on the CPU: SDPA per segment, no GPU kernel
+
+
+@pytest.mark.parametrize("model_type", [None, "mycorp_llm"])
+def test_a_bare_shape_without_a_model_type_transformers_knows_still_estimates(capsys, tmp_path, model_type):
+    conf = {k: v for k, v in estimate.BUILTIN_SHAPES["llama3-8b"].items() if k != "model_type"}
+    if model_type:
+        conf["model_type"] = model_type
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    code, out, err = run_cli(capsys, "--config", "configs/llama3-8b-zero3.yaml", "--gpus", "8", "--plugins", "dpo",
+                             "--model-config", str(tmp_path / "config.json"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["params"] == estimate.load_shape("llama3-8b", "")[0].num_params()
+    assert report["batch_path"]["packing"] and report["batch_path"]["chunk_tokens"] == 1024

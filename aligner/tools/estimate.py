@@ -620,11 +620,15 @@ def run_estimate(args: argparse.Namespace) -> Estimate:
 def batch_path(cfg, conf: dict[str, Any], paired: bool, kl_pairs: bool, device: str):
     """The run's :class:`aligner.scoring.batch_path.BatchPath` as the run decides it (the model's config ``conf``, the data,
     the plugins' inputs), on ``device``; a GPU kernel is left to the run's start-up self-check."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from aligner.scoring.batch_path import decide
 
-    model_config = AutoConfig.for_model(**conf)
+    if conf.get("model_type") in CONFIG_MAPPING_NAMES:
+        model_config = AutoConfig.for_model(**conf)
+    else:  # a bare shape (--model-config without a model_type transformers knows): the fields it has decide
+        model_config = PretrainedConfig(**conf)
     return decide(cfg, model_config, paired, kl_pairs, cuda=device == "gpu", pick_kernel=False)
 
 
