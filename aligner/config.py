@@ -403,7 +403,7 @@ def build_config(
             sections[key] = _build_section(plugin_sections[key], value, key, origin)
         elif key in inactive_sections:
             where = origin(key)
-            fix = "or drop that --set" if where.startswith("--set") else "or remove the section"
+            fix = "or remove the section" if where == source else "or drop that --set"
             raise ConfigError(f"{where}: section '{key}' configures {inactive_sections[key]}, {fix}")
         else:
             known = sorted([*CORE_SCALARS, *CORE_SECTIONS, *plugin_sections])
